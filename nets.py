@@ -1,0 +1,450 @@
+"""CapsNet of "Dynamic Routing Between Capsules" (Sabour, Frosst, Hinton 2017).
+
+Shapes use B for the batch, I for the primary capsules (1152 for 28x28 input),
+J for the digit capsules (10), K = 8 for a primary capsule's dimensions and
+D = 16 for a digit capsule's.
+
+Two implementations of the same network share one set of parameters:
+- the plain path, built from stock Chainer functions (runs on NumPy or CuPy);
+- the fast CPU path (`fast_ops`), custom FunctionNodes laid out so that the
+  BLAS does the work. It is chosen automatically on the CPU; ``fast=False``
+  keeps the plain path selectable for comparison.
+"""
+import contextlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy
+
+import chainer
+import chainer.functions as F
+import chainer.links as L
+from chainer import backend, reporter
+
+EPSILON = 1e-7
+N_PRIMARY_TYPES = 32
+PRIMARY_DIM = 8
+DIGIT_DIM = 16
+M_PLUS, M_MINUS, LAMBDA_ABSENT = 0.9, 0.1, 0.5
+RECONSTRUCTION_WEIGHT = 0.0005
+
+
+# --------------------------------------------------------------------------
+# The paper's named units
+# --------------------------------------------------------------------------
+
+def safe_norm(x, axis=-1, keepdims=False):
+    """Euclidean norm along ``axis`` with an epsilon inside the root.
+
+    The epsilon keeps the gradient finite at the zero vector, where the plain
+    norm's gradient x/|x| is 0/0.
+    """
+    return F.sqrt(F.sum(x * x, axis=axis, keepdims=keepdims) + EPSILON)
+
+
+def squash(s, axis=-1):
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along ``axis``.
+
+    Args:
+        s: (..., n) capsule inputs.
+    Returns:
+        (..., n) outputs with the same direction and length in [0, 1).
+        A zero vector maps to zero with finite gradients.
+    """
+    squared = F.sum(s * s, axis=axis, keepdims=True)
+    scale = squared / ((1 + squared) * F.sqrt(squared + EPSILON))
+    return F.broadcast_to(scale, s.shape) * s
+
+
+def dynamic_routing(u_hat, n_iterations):
+    """Procedure 1: routing by agreement.
+
+    Args:
+        u_hat: (B, I, J, D) prediction vectors u_hat_{j|i}, computed once.
+        n_iterations: r >= 1.
+    Returns:
+        v: (B, J, D) digit capsules; c: (B, I, J) the last coupling
+        coefficients (softmax of the logits b_ij over j, per sample).
+    """
+    batch, n_in, n_out, _ = u_hat.shape
+    xp = backend.get_array_module(u_hat)
+    logits = xp.zeros((batch, n_in, n_out), dtype=u_hat.dtype)
+    for iteration in range(n_iterations):
+        c = F.softmax(logits, axis=2)
+        s = F.sum(F.broadcast_to(c[:, :, :, None], u_hat.shape) * u_hat,
+                  axis=1)
+        v = squash(s)
+        if iteration < n_iterations - 1:
+            agreement = F.sum(
+                u_hat * F.broadcast_to(v[:, None], u_hat.shape), axis=3)
+            logits = logits + agreement
+    return v, c
+
+
+def prediction_vectors(u, W):
+    """u_hat_{j|i} = W_ij u_i.
+
+    Args:
+        u: (B, I, K) primary capsules.
+        W: (I, J, D, K) one matrix per primary capsule i and digit capsule j.
+    Returns:
+        (B, I, J, D)
+    """
+    n_in, n_out, dim_out, dim_in = W.shape
+    batch = u.shape[0]
+    # batched over i: (I, B, K) @ (I, K, J*D)
+    W_i = F.reshape(F.transpose(W, (0, 3, 1, 2)),
+                    (n_in, dim_in, n_out * dim_out))
+    u_hat = F.matmul(F.transpose(u, (1, 0, 2)), W_i)
+    u_hat = F.reshape(u_hat, (n_in, batch, n_out, dim_out))
+    return F.transpose(u_hat, (1, 0, 2, 3))
+
+
+def margin_loss(lengths, t, m_plus=M_PLUS, m_minus=M_MINUS,
+                lambda_absent=LAMBDA_ABSENT):
+    """Eq. 4, summed over the classes and averaged over the batch.
+
+    Args:
+        lengths: (B, J) digit capsule lengths.
+        t: (B,) int32 labels.
+    Returns:
+        scalar Variable.
+    """
+    xp = backend.get_array_module(lengths)
+    present = xp.eye(lengths.shape[1], dtype=lengths.dtype)[t]
+    loss = (present * F.square(F.relu(m_plus - lengths))
+            + lambda_absent * (1 - present)
+            * F.square(F.relu(lengths - m_minus)))
+    return F.sum(loss) / lengths.shape[0]
+
+
+def reconstruction_loss(reconstruction, x):
+    """Sum of squared pixel errors per image, averaged over the batch.
+
+    Args:
+        reconstruction: (B, P) decoder output; x: (B, ...) with P pixels.
+    Returns:
+        scalar Variable, not yet scaled by the 0.0005 of the paper.
+    """
+    x = x.reshape(reconstruction.shape)
+    return F.sum(F.square(reconstruction - x)) / x.shape[0]
+
+
+def mask(v, labels):
+    """Keep only the capsule of each sample's label.
+
+    Args:
+        v: (B, J, D); labels: (B,) int.
+    Returns:
+        (B, J * D), zero except for the label's D entries.
+    """
+    xp = backend.get_array_module(v)
+    keep = xp.eye(v.shape[1], dtype=v.dtype)[labels]
+    return F.reshape(v * F.broadcast_to(keep[:, :, None], v.shape),
+                     (v.shape[0], -1))
+
+
+class Decoder(chainer.Chain):
+    """Fig. 2: FC 512 ReLU, FC 1024 ReLU, FC n_pixels sigmoid.
+
+    Input (B, J * D) masked digit capsules; output (B, n_pixels) in (0, 1).
+    """
+
+    def __init__(self, n_in, n_pixels):
+        super().__init__()
+        with self.init_scope():
+            self.fc1 = L.Linear(n_in, 512)
+            self.fc2 = L.Linear(512, 1024)
+            self.fc3 = L.Linear(1024, n_pixels)
+
+    def forward(self, h):
+        h = F.relu(self.fc1(h))
+        h = F.relu(self.fc2(h))
+        return F.sigmoid(self.fc3(h))
+
+
+# --------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------
+
+def primary_grid(input_size):
+    """Side of the PrimaryCaps grid: 28 -> 6, 36 -> 10, 40 -> 12."""
+    return ((input_size - 8) - 9) // 2 + 1
+
+
+class CapsNet(chainer.Chain):
+    """Conv1 -> PrimaryCaps -> DigitCaps (routing) [-> decoder].
+
+    ``CapsNet()`` is the paper's MNIST model (8,215,568 parameters).
+
+    Args:
+        routing: r, the number of routing iterations (>= 1).
+        reconstruct: add the decoder and its loss.
+        activation: 'relu' or 'leaky_relu' for Conv1.
+        leaky_slope: negative slope of the leaky ReLU.
+        share_weights: one W_ij per capsule type, shared over the grid, as the
+            older Chainer implementation did (6.8M parameters).
+        input_size: side of the square input (28 MNIST; 36, 40 padded).
+        n_classes: J.
+        fast: use the fast CPU kernels. None picks them on the CPU; the
+            choice is not part of the architecture and is not saved.
+    """
+
+    arch = 'capsnet'
+
+    def __init__(self, routing=3, reconstruct=True, activation='relu',
+                 leaky_slope=0.01, share_weights=False, input_size=28,
+                 n_classes=10, fast=None):
+        super().__init__()
+        if routing < 1:
+            raise ValueError('routing must be >= 1, got {}'.format(routing))
+        if activation not in ('relu', 'leaky_relu'):
+            raise ValueError("activation must be 'relu' or 'leaky_relu', "
+                             'got {!r}'.format(activation))
+        if input_size < 28:
+            raise ValueError('input_size must be >= 28, got {}'
+                             .format(input_size))
+        self.options = dict(
+            routing=int(routing), reconstruct=bool(reconstruct),
+            activation=activation, leaky_slope=float(leaky_slope),
+            share_weights=bool(share_weights), input_size=int(input_size),
+            n_classes=int(n_classes))
+        self.routing = routing
+        self.reconstruct = reconstruct
+        self.input_size = input_size
+        self.n_classes = n_classes
+        self.fast = fast
+        self.grid = primary_grid(input_size)
+        self.n_primary = N_PRIMARY_TYPES * self.grid * self.grid
+        w_rows = N_PRIMARY_TYPES if share_weights else self.n_primary
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(1, 256, 9)
+            self.primary = L.Convolution2D(
+                256, N_PRIMARY_TYPES * PRIMARY_DIM, 9, stride=2)
+            self.W = chainer.Parameter(
+                chainer.initializers.Normal(0.01),
+                (w_rows, n_classes, DIGIT_DIM, PRIMARY_DIM))
+            if reconstruct:
+                self.decoder = Decoder(n_classes * DIGIT_DIM,
+                                       input_size * input_size)
+
+    # -- pieces ------------------------------------------------------------
+
+    def _use_fast(self):
+        if self.fast is None:
+            return self.xp is numpy
+        if self.fast and self.xp is not numpy:
+            raise RuntimeError('the fast kernels are CPU-only; use fast=None '
+                               'or fast=False on the GPU')
+        return self.fast
+
+    def _activation(self, h):
+        if self.options['activation'] == 'leaky_relu':
+            return F.leaky_relu(h, slope=self.options['leaky_slope'])
+        return F.relu(h)
+
+    def digit_weights(self):
+        """(I, J, D, K): W_ij for every primary capsule (expanded if shared)."""
+        if self.W.shape[0] == self.n_primary:
+            return self.W
+        cells = self.grid * self.grid
+        W = F.broadcast_to(self.W[:, None], (N_PRIMARY_TYPES, cells)
+                           + self.W.shape[1:])
+        return F.reshape(W, (self.n_primary,) + self.W.shape[1:])
+
+    def primary_capsules(self, x):
+        """(B, 1, S, S) images -> (B, I, K) squashed primary capsules.
+
+        Capsule i = type * grid^2 + row * grid + column.
+        """
+        if self._use_fast():
+            import fast_ops
+            batch, side = x.shape[0], self.input_size
+            # the fast kernels work on (H, W, B, C) arrays
+            h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
+                                      (1, 2, 0)), (side, side, batch, 1))
+            h = fast_ops.conv2d_hwbc(h, self.conv1.W, self.conv1.b)
+            h = fast_ops.conv2d_hwbc(self._activation(h), self.primary.W,
+                                     self.primary.b, stride=2, method='dft')
+            h = F.reshape(h, (self.grid, self.grid, batch, N_PRIMARY_TYPES,
+                              PRIMARY_DIM))
+            h = F.transpose(h, (2, 3, 0, 1, 4))
+        else:
+            h = self._activation(self.conv1(x))
+            h = self.primary(h)
+            batch = h.shape[0]
+            h = F.reshape(h, (batch, N_PRIMARY_TYPES, PRIMARY_DIM,
+                              self.grid, self.grid))
+            h = F.transpose(h, (0, 1, 3, 4, 2))
+        return squash(F.reshape(h, (batch, self.n_primary, PRIMARY_DIM)))
+
+    def digit_capsules(self, u):
+        """(B, I, K) -> v (B, J, D) and the last coupling c (B, I, J)."""
+        if self._use_fast():
+            import fast_ops
+            return fast_ops.digit_capsules(u, self.digit_weights(),
+                                           self.routing)
+        return dynamic_routing(prediction_vectors(u, self.digit_weights()),
+                               self.routing)
+
+    def capsules(self, x):
+        """(B, 1, S, S) images -> v (B, J, D) digit capsules."""
+        v, _ = self.digit_capsules(self.primary_capsules(x))
+        return v
+
+    def lengths(self, v):
+        """(B, J, D) -> (B, J) capsule lengths, the class probabilities."""
+        return safe_norm(v, axis=2)
+
+    def reconstruction(self, v, labels):
+        """Decoder output (B, S*S) for v (B, J, D) masked by labels (B,)."""
+        return self.decoder(mask(v, labels))
+
+    def inference(self):
+        """Context for inference over many batches with fixed weights."""
+        if self._use_fast():
+            import fast_ops
+            return fast_ops.fixed_weights()
+        return contextlib.nullcontext()
+
+    def predict(self, x):
+        """(B, 1, S, S) -> (predictions (B,), lengths (B, J)) as arrays."""
+        with chainer.using_config('train', False), \
+                chainer.using_config('enable_backprop', False), \
+                self.inference():
+            lengths = self.lengths(self.capsules(x)).array
+        return lengths.argmax(axis=1), lengths
+
+    # -- training objective ------------------------------------------------
+
+    def forward(self, x, t):
+        """Total loss for images x (B, 1, S, S) and labels t (B,).
+
+        The decoder sees the true label's capsule in training and the
+        predicted one at test time.
+        """
+        v = self.capsules(x)
+        lengths = self.lengths(v)
+        loss = margin_loss(lengths, t)
+        prediction = lengths.array.argmax(axis=1)
+        observation = {'margin_loss': loss,
+                       'accuracy': (prediction == t).mean()}
+        if self.reconstruct:
+            labels = t if chainer.config.train else prediction
+            recon = reconstruction_loss(self.reconstruction(v, labels), x)
+            observation['reconstruction_loss'] = recon
+            loss = loss + RECONSTRUCTION_WEIGHT * recon
+        observation['loss'] = loss
+        reporter.report(observation, self)
+        return loss
+
+
+from baseline import BaselineCNN  # noqa: E402  (the paper's baseline)
+
+ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN}
+
+
+def count_parameters(model):
+    return sum(p.size for p in model.params())
+
+
+# --------------------------------------------------------------------------
+# Model files: parameters plus the options that rebuild the network
+# --------------------------------------------------------------------------
+
+class ModelFileError(Exception):
+    """A model file that is missing, corrupt or of another network."""
+
+
+_META_KEY = '_capsnet_meta'
+
+
+def save_model(path, model):
+    """Write the parameters and options to ``path`` atomically (.npz).
+
+    The file is written beside its final name and renamed, so an
+    interrupted save leaves any earlier file intact.
+    """
+    serializer = chainer.serializers.DictionarySerializer()
+    serializer.save(model)
+    meta = {'arch': model.arch, 'options': model.options}
+    target = dict(serializer.target)
+    target[_META_KEY] = numpy.array(json.dumps(meta))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
+                               suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            numpy.savez_compressed(f, **target)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_model_meta(path):
+    """(arch, options) stored in a model file; ModelFileError if unusable."""
+    if not os.path.exists(path):
+        raise ModelFileError(
+            'model file {} does not exist; pass the path given to '
+            'train.py --save'.format(path))
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            if _META_KEY not in npz.files:
+                raise ModelFileError(
+                    '{} is not a model file of this project (no stored '
+                    'options); save one with train.py --save'.format(path))
+            meta = json.loads(str(npz[_META_KEY]))
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError,
+            KeyError) as e:
+        raise ModelFileError(
+            '{} is not a readable model file ({}: {}); it may be truncated '
+            'or corrupt, so train again with --save'
+            .format(path, type(e).__name__, e))
+    if meta.get('arch') not in ARCHITECTURES:
+        raise ModelFileError('{} holds an unknown architecture {!r}'
+                             .format(path, meta.get('arch')))
+    return meta['arch'], meta['options']
+
+
+def load_model(path, expected_options=None):
+    """Rebuild the network stored in ``path`` and load its parameters.
+
+    Args:
+        expected_options: if given, every key in it must match the stored
+            options, else ModelFileError names the difference.
+    """
+    arch, options = read_model_meta(path)
+    if expected_options:
+        differ = {k: (options.get(k), v) for k, v in expected_options.items()
+                  if options.get(k) != v}
+        if differ:
+            raise ModelFileError(
+                '{} was built with other options: {}; use a matching model '
+                'or drop those flags'.format(path, ', '.join(
+                    '{}={!r} in the file, {!r} asked'.format(k, a, b)
+                    for k, (a, b) in sorted(differ.items()))))
+    try:
+        model = ARCHITECTURES[arch](**options)
+    except (TypeError, ValueError) as e:
+        raise ModelFileError('{} holds options this code cannot build ({})'
+                             .format(path, e))
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            chainer.serializers.NpzDeserializer(npz).load(model)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError,
+            io.UnsupportedOperation) as e:
+        raise ModelFileError(
+            '{} does not match the {} network it describes ({}: {}); it may '
+            'be truncated or corrupt, so train again with --save'
+            .format(path, arch, type(e).__name__, str(e).splitlines()[0]
+                    if str(e) else ''))
+    return model
