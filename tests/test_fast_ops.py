@@ -1,0 +1,132 @@
+"""The fast CPU kernels: gradient checks and agreement with the plain path."""
+import numpy
+import pytest
+
+import chainer
+from chainer import gradient_check
+
+import fast_ops
+import nets
+
+
+def random(*shape, seed=0, scale=1.0):
+    return numpy.random.RandomState(seed).randn(*shape) * scale
+
+
+def reference_convolution(x, W, b, stride):
+    """Chainer's own convolution on (H, W, B, C) data, as (OH, OW, B, O)."""
+    x_nchw = numpy.ascontiguousarray(x.transpose(2, 3, 0, 1))
+    y = chainer.functions.convolution_2d(x_nchw, W, b, stride=stride).array
+    return y.transpose(2, 3, 0, 1)
+
+
+@pytest.mark.parametrize('method', ['im2col', 'dft'])
+@pytest.mark.parametrize('height, width, kernel, stride', [
+    (9, 9, 3, 1), (11, 10, 5, 2), (12, 13, 4, 3), (20, 20, 9, 2)])
+def test_convolution_matches_chainer(method, height, width, kernel, stride):
+    x = random(height, width, 2, 3).astype(numpy.float32)
+    W = random(4, 3, kernel, kernel, seed=1).astype(numpy.float32)
+    b = random(4, seed=2).astype(numpy.float32)
+    y = fast_ops.conv2d_hwbc(x, W, b, stride, method).array
+    numpy.testing.assert_allclose(
+        y, reference_convolution(x, W, b, stride), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('method', ['im2col', 'dft'])
+@pytest.mark.parametrize('height, width, kernel, stride', [
+    (7, 7, 3, 1), (10, 9, 5, 2)])
+def test_convolution_gradient_check(method, height, width, kernel, stride):
+    x = random(height, width, 2, 3)
+    W = random(2, 3, kernel, kernel, seed=1)
+    b = random(2, seed=2)
+    out_h = (height - kernel) // stride + 1
+    out_w = (width - kernel) // stride + 1
+    gy = random(out_h, out_w, 2, 2, seed=3)
+    gradient_check.check_backward(
+        lambda x, W, b: fast_ops.conv2d_hwbc(x, W, b, stride, method),
+        (x, W, b), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('iterations', [1, 2, 3])
+def test_digit_capsules_gradient_check(iterations):
+    u = random(2, 6, 4, scale=0.5)
+    W = random(6, 3, 5, 4, seed=1, scale=0.5)
+    gy = random(2, 3, 5, seed=2)
+    gradient_check.check_backward(
+        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('iterations', [1, 3])
+def test_digit_capsules_match_plain_routing(iterations):
+    u = random(3, 12, 8, scale=0.3).astype(numpy.float32)
+    W = random(12, 10, 16, 8, seed=1, scale=0.3).astype(numpy.float32)
+    v, c = fast_ops.digit_capsules(u, W, iterations)
+    v_ref, c_ref = nets.dynamic_routing(nets.prediction_vectors(u, W),
+                                        iterations)
+    numpy.testing.assert_allclose(v.array, v_ref.array, rtol=1e-4,
+                                  atol=1e-6)
+    numpy.testing.assert_allclose(c, c_ref.array, rtol=1e-4, atol=1e-7)
+    numpy.testing.assert_allclose(c.sum(axis=2), 1, rtol=1e-5)
+
+
+def test_squash_backward_is_finite_at_zero():
+    s = numpy.zeros((2, 16))
+    g = fast_ops.squash_backward(s, numpy.ones_like(s))
+    assert numpy.isfinite(g).all()
+    assert numpy.all(fast_ops.squash_forward(s) == 0)
+
+
+@pytest.mark.parametrize('options', [
+    {},
+    {'routing': 1},
+    {'share_weights': True, 'activation': 'leaky_relu', 'leaky_slope': 0.1},
+    {'input_size': 36, 'routing': 2},
+])
+def test_fast_path_equals_plain_path(options):
+    """Same loss and same gradient for every parameter, float32 tolerance."""
+    numpy.random.seed(0)
+    model = nets.CapsNet(**options)
+    size = model.input_size
+    x = numpy.random.rand(3, 1, size, size).astype(numpy.float32)
+    t = numpy.array([1, 5, 7], dtype=numpy.int32)
+    results = {}
+    for fast in (False, True):
+        model.fast = fast
+        model.cleargrads()
+        loss = model(x, t)
+        loss.backward()
+        results[fast] = (float(loss.array),
+                         {name: p.grad.copy()
+                          for name, p in model.namedparams()})
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        fast_grad = results[True][1][name]
+        scale = numpy.abs(grad).max() + 1e-12
+        assert numpy.abs(fast_grad - grad).max() / scale < 1e-4, name
+
+
+def test_fast_path_is_chosen_on_the_cpu_and_can_be_turned_off():
+    model = nets.CapsNet()
+    assert model._use_fast()
+    model.fast = False
+    assert not model._use_fast()
+
+
+def test_fixed_weights_reuses_the_kernel_transform_exactly():
+    numpy.random.seed(1)
+    model = nets.CapsNet(routing=1)
+    x = numpy.random.rand(2, 1, 28, 28).astype(numpy.float32)
+    with chainer.no_backprop_mode():
+        expected = model.capsules(x).array
+        with fast_ops.fixed_weights():
+            first = model.capsules(x).array
+            assert len(fast_ops._kernel_transforms) == 1
+            second = model.capsules(x).array
+        assert fast_ops._kernel_transforms is None
+        numpy.testing.assert_array_equal(first, expected)
+        numpy.testing.assert_array_equal(second, expected)
+        # outside the block a weight change is seen at once
+        model.primary.W.array *= 2
+        changed = model.capsules(x).array
+    assert not numpy.allclose(changed, expected)
