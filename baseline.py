@@ -1,0 +1,128 @@
+"""The baseline CNN of "Dynamic Routing Between Capsules" (Section 5).
+
+The paper: "The baseline is a standard CNN with three convolutional layers
+of 256, 256, 128 channels. Each has 5x5 kernels and stride of 1. The last
+convolutional layers are followed by two fully connected layers of size
+328, 192. The last fully connected layer is connected with dropout to a 10
+class softmax layer with cross entropy loss. [...] The baseline [...] has
+35.4M parameters."
+
+This module imports only Chainer (not ``nets``), because ``nets`` imports
+it to register the network as ``nets.ARCHITECTURES['baseline']``.
+"""
+import chainer
+import chainer.functions as F
+import chainer.links as L
+from chainer import reporter
+
+CONV_CHANNELS = (256, 256, 128)
+KERNEL = 5
+PAD = 2  # 'same' padding for the 5x5 kernels: the side stays input_size
+FC_SIZES = (328, 192)
+
+
+def parameter_count(input_size=28, n_classes=10):
+    """Number of parameters of ``BaselineCNN(input_size, n_classes)``."""
+    count, channels = 0, 1
+    for out in CONV_CHANNELS:
+        count += channels * out * KERNEL * KERNEL + out
+        channels = out
+    features = channels * input_size * input_size
+    for out in FC_SIZES + (n_classes,):
+        count += features * out + out
+        features = out
+    return count
+
+
+class BaselineCNN(chainer.Chain):
+    """Conv 256, Conv 256, Conv 128, FC 328, FC 192, dropout, FC 10 softmax.
+
+    Every convolution is 5x5, stride 1, pad 2 ('same'), followed by ReLU;
+    FC 328 and FC 192 are followed by ReLU too. Dropout sits between FC 192
+    and the 10-way layer, i.e. on the 192 features that feed the softmax
+    ("the last fully connected layer is connected with dropout to a 10 class
+    softmax layer"); it is active only in training (chainer.config.train).
+
+    ``BaselineCNN()`` (28x28 MNIST, 10 classes) has exactly 35,445,522
+    parameters, the paper's "35.4M":
+
+        conv1  1*256*25 + 256          =      6,656
+        conv2  256*256*25 + 256        =  1,638,656
+        conv3  256*128*25 + 128        =    819,328
+        fc1    (28*28*128)*328 + 328   = 32,915,784   (100,352 inputs)
+        fc2    328*192 + 192           =     63,168
+        fc3    192*10 + 10             =      1,930
+        total                          = 35,445,522
+
+    The paper gives neither padding nor pooling; it is 'same' padding and no
+    pooling that reproduce its 35.4M: the 128 feature maps stay 28x28, and
+    their 100,352 features into FC 328 hold 93% of the parameters. (Valid
+    padding would leave 16x16x128 = 32,768 features, 10,748,232 parameters
+    in FC 328 and 13,277,970 in all; a 2x2 pooling anywhere would cut FC
+    328's inputs by 4.)
+
+    The paper does not give the dropout rate; 0.5 is the default here.
+
+    Args:
+        input_size: side of the square input (28 MNIST; 36, 40 padded).
+            FC 328 grows with it: 128 * input_size**2 inputs.
+        n_classes: size of the softmax layer.
+        dropout: dropout ratio before the softmax layer (0 disables it).
+    """
+
+    arch = 'baseline'
+
+    def __init__(self, input_size=28, n_classes=10, dropout=0.5):
+        super().__init__()
+        if input_size < 1:
+            raise ValueError('input_size must be >= 1, got {}'
+                             .format(input_size))
+        if not 0 <= dropout < 1:
+            raise ValueError('dropout must be in [0, 1), got {}'
+                             .format(dropout))
+        self.options = dict(input_size=int(input_size),
+                            n_classes=int(n_classes), dropout=float(dropout))
+        self.input_size = int(input_size)
+        self.n_classes = int(n_classes)
+        self.dropout = float(dropout)
+        c1, c2, c3 = CONV_CHANNELS
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1, pad=PAD)
+            self.conv2 = L.Convolution2D(c1, c2, KERNEL, stride=1, pad=PAD)
+            self.conv3 = L.Convolution2D(c2, c3, KERNEL, stride=1, pad=PAD)
+            self.fc1 = L.Linear(c3 * input_size * input_size, FC_SIZES[0])
+            self.fc2 = L.Linear(FC_SIZES[0], FC_SIZES[1])
+            self.fc3 = L.Linear(FC_SIZES[1], n_classes)
+
+    def logits(self, x):
+        """(B, 1, S, S) images (or (B, S*S)) -> (B, n_classes) logits."""
+        side = self.input_size
+        x = F.reshape(x, (x.shape[0], 1, side, side))
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        h = F.relu(self.conv3(h))
+        h = F.relu(self.fc1(h))  # Linear flattens (B, 128, S, S)
+        h = F.relu(self.fc2(h))
+        if self.dropout > 0:
+            h = F.dropout(h, ratio=self.dropout)
+        return self.fc3(h)
+
+    def predict(self, x):
+        """(B, 1, S, S) -> (predictions (B,), probabilities (B, J)) arrays.
+
+        Runs in inference mode (no dropout, no graph).
+        """
+        with chainer.using_config('train', False), \
+                chainer.using_config('enable_backprop', False):
+            probabilities = F.softmax(self.logits(x), axis=1).array
+        return probabilities.argmax(axis=1), probabilities
+
+    def forward(self, x, t):
+        """Softmax cross entropy (averaged over the batch) for x and t (B,).
+
+        Reports ``loss`` and ``accuracy``, the keys CapsNet reports.
+        """
+        y = self.logits(x)
+        loss = F.softmax_cross_entropy(y, t)
+        reporter.report({'loss': loss, 'accuracy': F.accuracy(y, t)}, self)
+        return loss
