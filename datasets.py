@@ -1,0 +1,413 @@
+#!/usr/bin/env python
+"""MNIST and Fashion-MNIST: verified download, IDX parsing and augmentation.
+
+    python datasets.py --dataset mnist                 # download and verify
+    python datasets.py --dataset mnist --data-dir D    # verify local files
+
+Every file is checked against its published md5 before use, so a truncated or
+corrupt copy is reported (DatasetError, one line) instead of silently
+training on garbage.
+"""
+import argparse
+import gzip
+import hashlib
+import http.client
+import os
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy
+
+import chainer
+
+TRAIN_IMAGES = 'train-images-idx3-ubyte.gz'
+TRAIN_LABELS = 'train-labels-idx1-ubyte.gz'
+TEST_IMAGES = 't10k-images-idx3-ubyte.gz'
+TEST_LABELS = 't10k-labels-idx1-ubyte.gz'
+
+# Mirrors are tried in order; yann.lecun.com is last because it often
+# answers 403 to scripts.
+DATASETS = {
+    'mnist': {
+        'files': {
+            TRAIN_IMAGES: 'f68b3c2dcbeaaa9fbdd348bbdeb94873',
+            TRAIN_LABELS: 'd53e105ee54ea40749a09fcbcd1e9432',
+            TEST_IMAGES: '9fb629c4189551a2d022fa330f9573f3',
+            TEST_LABELS: 'ec29112dd5afa0611ce80d1b7f02629c',
+        },
+        'mirrors': [
+            'https://storage.googleapis.com/cvdf-datasets/mnist/',
+            'https://ossci-datasets.s3.amazonaws.com/mnist/',
+            'http://yann.lecun.com/exdb/mnist/',
+        ],
+    },
+    'fashion-mnist': {
+        'files': {
+            TRAIN_IMAGES: '8d4fb7e6c68d591d4c3dfef9ec88bf0d',
+            TRAIN_LABELS: '25c81989df183df01b3e8a0aad5dffbe',
+            TEST_IMAGES: 'bef4ecab320f06d8554ea6380940ec79',
+            TEST_LABELS: 'bb300cfdad3c16e7a12a480ee83cd310',
+        },
+        'mirrors': [
+            'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/',
+            'https://raw.githubusercontent.com/zalandoresearch/'
+            'fashion-mnist/master/data/fashion/',
+        ],
+    },
+}
+
+TIMEOUT = 60  # seconds per connection attempt / blocking read
+IMAGE_MAGIC = 2051
+LABEL_MAGIC = 2049
+IMAGE_SIZE = 28
+_CHUNK = 1 << 20
+_CACHE_FIX = ('delete it and run again to re-download, '
+              'or pass --data-dir with a good copy')
+
+
+class DatasetError(Exception):
+    """A dataset file is missing, corrupt or could not be downloaded.
+
+    str() is one line: the problem, the file and how to fix it.
+    """
+
+
+def dataset_names():
+    """Names accepted by fetch() and get_mnist_like()."""
+    return list(DATASETS)
+
+
+def _spec(name):
+    if name not in DATASETS:
+        raise DatasetError('unknown dataset {!r}; valid names: {}'.format(
+            name, ', '.join(DATASETS)))
+    return DATASETS[name]
+
+
+def _one_line(obj):
+    return ' '.join(str(obj).split())
+
+
+def _md5(path):
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(exc):
+    if isinstance(exc, urllib.error.HTTPError):
+        return 'HTTP {} {}'.format(exc.code, _one_line(exc.reason))
+    if isinstance(exc, urllib.error.URLError):
+        return _one_line(exc.reason)
+    if isinstance(exc, TimeoutError):
+        return 'timed out'
+    return _one_line('{}: {}'.format(type(exc).__name__, exc))
+
+
+def _download(url, path, md5, opener):
+    """Stream url to path via a temp file; return None or why it failed.
+
+    The final name only ever appears with verified content, so an
+    interrupted run cannot leave a half file that looks cached.
+    """
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix='.' + os.path.basename(path) + '.', suffix='.part',
+            dir=os.path.dirname(path))
+        h = hashlib.md5(usedforsecurity=False)
+        with os.fdopen(fd, 'wb') as out, opener(url, timeout=TIMEOUT) as resp:
+            for chunk in iter(lambda: resp.read(_CHUNK), b''):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != md5:
+            return 'md5 is {}, expected {}'.format(h.hexdigest(), md5)
+        os.replace(tmp, path)
+        tmp = None
+        return None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return _describe(e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch(name, root=None, mirrors=None, files=None, opener=None, log=print):
+    """Make sure the dataset's files are cached and intact; return paths.
+
+    Args:
+        name: one of dataset_names().
+        root: cache folder; default
+            ``chainer.dataset.get_dataset_directory('capsnet/' + name)``,
+            which honours ``CHAINER_DATASET_ROOT``.
+        mirrors: base URLs tried in order (default DATASETS[name]).
+        files: dict file name -> md5 (default DATASETS[name]).
+        opener: ``opener(url, timeout=...)`` returning a readable context
+            manager; default ``urllib.request.urlopen``.
+        log: called with one-line progress / fallback messages.
+
+    Returns:
+        dict file name -> local path, every file with a verified md5.
+    """
+    spec = _spec(name)
+    mirrors = spec['mirrors'] if mirrors is None else list(mirrors)
+    files = spec['files'] if files is None else files
+    opener = urllib.request.urlopen if opener is None else opener
+    if root is None:
+        root = chainer.dataset.get_dataset_directory(
+            'capsnet/' + name, create_directory=False)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise DatasetError('cannot create the cache folder {} ({}); set '
+                           'CHAINER_DATASET_ROOT or pass --data-dir'.format(
+                               root, _one_line(e))) from None
+
+    paths = {}
+    for fname, md5 in files.items():
+        path = os.path.join(root, fname)
+        if os.path.exists(path):
+            actual = _md5(path)
+            if actual == md5:
+                paths[fname] = path
+                continue
+            log('{} in {}: cached copy is corrupt (md5 {}, expected {}); '
+                're-downloading'.format(fname, root, actual, md5))
+        failures = []
+        for base in mirrors:
+            url = base.rstrip('/') + '/' + fname
+            log('downloading {}'.format(url))
+            why = _download(url, path, md5, opener)
+            if why is None:
+                break
+            log('  failed: {}'.format(why))
+            failures.append('{}: {}'.format(url, why))
+        else:
+            raise DatasetError(
+                '{} (expected md5 {}) could not be downloaded from any mirror [{}]; '
+                'download it by hand into a folder with the other {} files '
+                'and pass --data-dir FOLDER'.format(
+                    fname, md5, '; '.join(failures) or 'no mirrors given',
+                    name))
+        paths[fname] = path
+    return paths
+
+
+def load_idx(path, expected_md5=None, fix=_CACHE_FIX):
+    """Read a gzip-compressed IDX file.
+
+    Args:
+        path: the .gz file.
+        expected_md5: if given, the file's md5 must match.
+        fix: how to repair a bad file, appended to error messages.
+
+    Returns:
+        numpy.uint8 array: images (N, rows, cols) for magic 2051,
+        labels (N,) for magic 2049.
+
+    Raises:
+        DatasetError: missing, unreadable, wrong md5, not gzip, truncated,
+            wrong magic or sizes that disagree with the header.
+    """
+    def error(problem):
+        return DatasetError('{} in {}: {}; {}'.format(
+            os.path.basename(path), os.path.dirname(os.path.abspath(path)),
+            problem, fix))
+
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise error('cannot read it ({})'.format(
+            _one_line(e.strerror or e))) from None
+    if expected_md5 is not None:
+        actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        if actual != expected_md5:
+            raise error('md5 is {}, expected {} (file corrupt or truncated)'
+                        .format(actual, expected_md5))
+    try:
+        data = gzip.decompress(raw)
+    except gzip.BadGzipFile as e:
+        raise error('not a valid gzip file ({})'.format(_one_line(e))) \
+            from None
+    except (EOFError, zlib.error) as e:
+        raise error('gzip stream is truncated or corrupt ({})'.format(
+            _one_line(e))) from None
+
+    if len(data) < 8:
+        raise error('IDX header is truncated ({} bytes)'.format(len(data)))
+    magic, n = struct.unpack('>II', data[:8])
+    if magic == IMAGE_MAGIC:
+        if len(data) < 16:
+            raise error('IDX image header is truncated')
+        rows, cols = struct.unpack('>II', data[8:16])
+        shape, offset = (n, rows, cols), 16
+    elif magic == LABEL_MAGIC:
+        shape, offset = (n,), 8
+    else:
+        raise error('magic number is {}, expected {} (images) or {} (labels);'
+                    ' not an MNIST IDX file'.format(
+                        magic, IMAGE_MAGIC, LABEL_MAGIC))
+    expected = int(numpy.prod(shape))
+    if len(data) - offset != expected:
+        raise error('header says shape {} ({} bytes of data) but the file '
+                    'holds {} (file truncated or corrupt)'.format(
+                        shape, expected, len(data) - offset))
+    return numpy.frombuffer(data, numpy.uint8, offset=offset).reshape(shape)
+
+
+def _sources(name, data_dir, root):
+    """(paths, fix): the verified cache via fetch(), or data_dir's files."""
+    spec = _spec(name)
+    if data_dir is None:
+        return fetch(name, root=root), _CACHE_FIX
+    for fname in spec['files']:
+        if not os.path.isfile(os.path.join(data_dir, fname)):
+            raise DatasetError(
+                '{} not found in {}: --data-dir must hold the four {} files '
+                '({}); download them from {} or drop --data-dir to download '
+                'automatically'.format(
+                    fname, os.path.abspath(data_dir), name,
+                    ', '.join(spec['files']), spec['mirrors'][0]))
+    fix = ('replace it with a good copy (e.g. from {}) or drop --data-dir to '
+           'download it'.format(spec['mirrors'][0]))
+    return {f: os.path.join(data_dir, f) for f in spec['files']}, fix
+
+
+def _take(n, available, what):
+    if n is None:
+        return available
+    if not 0 < n <= available:
+        raise DatasetError('{} must be between 1 and {} (examples '
+                           'available), got {}'.format(what, available, n))
+    return n
+
+
+def _to_dataset(images, labels, input_size):
+    """uint8 (N, 28, 28) and (N,) -> TupleDataset of float32 (N, 1, S, S)
+    in [0, 1] and int32 (N,); images are zero-padded, centred (an odd margin
+    puts the extra pixel at the bottom / right)."""
+    n, rows, cols = images.shape
+    x = numpy.zeros((n, 1, input_size, input_size), numpy.float32)
+    top, left = (input_size - rows) // 2, (input_size - cols) // 2
+    x[:, 0, top:top + rows, left:left + cols] = images
+    x /= 255
+    return chainer.datasets.TupleDataset(x, labels.astype(numpy.int32))
+
+
+def get_mnist_like(name='mnist', data_dir=None, train_size=None,
+                   test_size=None, validation=0, input_size=28, root=None):
+    """Load MNIST or Fashion-MNIST as (train, validation, test).
+
+    Args:
+        name: one of dataset_names().
+        data_dir: folder holding the four .gz files; read with no network.
+            Default: fetch() into the cache folder (under ``root``).
+        train_size: keep the FIRST N training examples (after the hold-out).
+        test_size: keep the FIRST N of the 10,000 test examples.
+        validation: hold out the LAST N of the 60,000 training examples as a
+            validation set (None when 0).
+        input_size: S >= 28; images are zero-padded, centred, to S x S.
+        root: cache folder passed to fetch() when data_dir is None.
+
+    Returns:
+        (train, validation or None, test), each a TupleDataset of x float32
+        (N, 1, S, S) scaled to [0, 1] and t int32 (N,).
+    """
+    spec = _spec(name)
+    if input_size < IMAGE_SIZE:
+        raise DatasetError('input_size must be >= {}, got {}; pass a larger '
+                           '--input-size'.format(IMAGE_SIZE, input_size))
+    paths, fix = _sources(name, data_dir, root)
+    arrays = {fname: load_idx(path, spec['files'][fname], fix)
+              for fname, path in paths.items()}
+
+    splits = []
+    for images, labels in ((TRAIN_IMAGES, TRAIN_LABELS),
+                           (TEST_IMAGES, TEST_LABELS)):
+        x, t = arrays[images], arrays[labels]
+        if x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or \
+                len(x) != len(t):
+            raise DatasetError(
+                '{} / {} in {}: images {} do not match labels {}; {}'.format(
+                    images, labels, os.path.dirname(paths[images]), x.shape,
+                    t.shape, fix))
+        splits.append((x, t))
+    (x_train, t_train), (x_test, t_test) = splits
+
+    validation = validation or 0
+    if not 0 <= validation < len(x_train):
+        raise DatasetError('validation must be between 0 and {} (training '
+                           'examples - 1), got {}'.format(
+                               len(x_train) - 1, validation))
+    n_train = len(x_train) - validation
+    valid = None
+    if validation:
+        valid = _to_dataset(x_train[n_train:], t_train[n_train:], input_size)
+    n_train = _take(train_size, n_train, 'train_size')
+    n_test = _take(test_size, len(x_test), 'test_size')
+    return (_to_dataset(x_train[:n_train], t_train[:n_train], input_size),
+            valid,
+            _to_dataset(x_test[:n_test], t_test[:n_test], input_size))
+
+
+def random_shift(x, max_shift, random_state):
+    """Shift each image independently by up to max_shift pixels, zero fill.
+
+    Args:
+        x: numpy or cupy array (B, C, H, W).
+        max_shift: m >= 0.
+        random_state: numpy.random.RandomState; offsets are drawn on the host
+            with exactly one call ``random_state.randint(-m, m + 1,
+            size=(B, 2))`` (column 0 dy, column 1 dx), none when m == 0.
+
+    Returns:
+        New array (B, C, H, W) of x's dtype and module with
+        ``out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]]`` (positive dy / dx
+        move the content down / right) and zeros where that falls outside.
+    """
+    if max_shift < 0:
+        raise ValueError('max_shift must be >= 0, got {}'.format(max_shift))
+    xp = chainer.backend.get_array_module(x)
+    if max_shift == 0:
+        return x.copy()
+    m = max_shift
+    b, c, h, w = x.shape
+    offsets = xp.asarray(random_state.randint(-m, m + 1, size=(b, 2)))
+    padded = xp.pad(x, ((0, 0), (0, 0), (m, m), (m, m)))
+    rows = xp.arange(h)[None, :] + (m - offsets[:, :1])  # (B, H)
+    cols = xp.arange(w)[None, :] + (m - offsets[:, 1:])  # (B, W)
+    return padded[xp.arange(b)[:, None, None, None],
+                  xp.arange(c)[None, :, None, None],
+                  rows[:, None, :, None],
+                  cols[:, None, None, :]]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--dataset', default='mnist',
+                        help='one of: ' + ', '.join(DATASETS))
+    parser.add_argument('--data-dir', help='folder with the four .gz files '
+                        '(verified, no download)')
+    args = parser.parse_args(argv)
+    try:
+        spec = _spec(args.dataset)
+        paths, fix = _sources(args.dataset, args.data_dir, None)
+        for fname, path in paths.items():
+            array = load_idx(path, spec['files'][fname], fix)
+            print('{}: {} {} (md5 ok)'.format(
+                path, len(array), 'images' if array.ndim == 3 else 'labels'))
+    except DatasetError as e:
+        print('error: {}'.format(e), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

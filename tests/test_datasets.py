@@ -1,0 +1,608 @@
+"""datasets.py: verified download, IDX parsing, splits, padding and shifts.
+
+The downloader is exercised against a real HTTP server on 127.0.0.1 serving
+small synthetic IDX files; nothing here reaches the internet (see the
+autouse ``no_internet`` fixture).  Tests on the real MNIST read it from
+shared/data (or $CAPSNET_SHARED_DATA) and skip when it is absent.
+"""
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy
+import pytest
+
+import chainer
+
+import datasets
+
+SHARED = os.environ.get('CAPSNET_SHARED_DATA', os.path.join(
+    os.path.dirname(__file__), '..', '..', 'shared', 'data'))
+MNIST_DIR = os.path.join(SHARED, 'mnist')
+MNIST_MD5 = datasets.DATASETS['mnist']['files']
+needs_mnist = pytest.mark.skipif(
+    not all(os.path.isfile(os.path.join(MNIST_DIR, f)) for f in MNIST_MD5),
+    reason='real MNIST not found in {} (set CAPSNET_SHARED_DATA)'.format(
+        os.path.abspath(MNIST_DIR)))
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch):
+    """Fail loudly (not an OSError the downloader would swallow) on any
+    request that is not to the local test server."""
+    real_urlopen = urllib.request.urlopen
+
+    def guarded(url, *args, **kwargs):
+        host = urllib.parse.urlsplit(getattr(url, 'full_url', url)).hostname
+        if host != '127.0.0.1':
+            raise AssertionError('test tried to reach ' + str(url))
+        return real_urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, 'urlopen', guarded)
+    monkeypatch.setenv('no_proxy', '*')
+
+
+def md5(data):
+    return hashlib.md5(data).hexdigest()
+
+
+def idx_bytes(array, magic=None):
+    """gzip-compressed IDX of a uint8 array (N,) or (N, rows, cols)."""
+    array = numpy.asarray(array, numpy.uint8)
+    if magic is None:
+        magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack('>I' + 'I' * array.ndim, magic, *array.shape)
+    return gzip.compress(header + array.tobytes())
+
+
+def one_line(exc):
+    text = str(exc)
+    assert '\n' not in text
+    return text
+
+
+# -- downloader --------------------------------------------------------------
+
+@pytest.fixture
+def synthetic():
+    """The four MNIST file names with tiny synthetic contents."""
+    rng = numpy.random.RandomState(0)
+    contents = {
+        datasets.TRAIN_IMAGES: idx_bytes(rng.randint(0, 256, (5, 28, 28))),
+        datasets.TRAIN_LABELS: idx_bytes(rng.randint(0, 10, 5)),
+        datasets.TEST_IMAGES: idx_bytes(rng.randint(0, 256, (3, 28, 28))),
+        datasets.TEST_LABELS: idx_bytes(rng.randint(0, 10, 3)),
+    }
+    return types.SimpleNamespace(
+        contents=contents,
+        files={name: md5(data) for name, data in contents.items()})
+
+
+@pytest.fixture
+def server():
+    """HTTP server on 127.0.0.1: routes maps a path to (status, body) or to
+    (status, body, advertised Content-Length); unknown paths answer 404."""
+    routes, requests = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            status, body, *length = routes.get(self.path, (404, b'missing'))
+            self.send_response(status)
+            self.send_header('Content-Length',
+                             str(length[0] if length else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever,
+                              kwargs={'poll_interval': 0.05}, daemon=True)
+    thread.start()
+    base = 'http://127.0.0.1:{}'.format(httpd.server_address[1])
+    try:
+        yield types.SimpleNamespace(
+            routes=routes, requests=requests,
+            mirror=lambda name: '{}/{}/'.format(base, name))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def serve(server, mirror, contents, status=200):
+    for name, data in contents.items():
+        server.routes['/{}/{}'.format(mirror, name)] = (status, data)
+
+
+def test_fetch_downloads_verified_files_then_uses_the_cache(
+        tmp_path, server, synthetic):
+    serve(server, 'm1', synthetic.contents)
+    logs = []
+    paths = datasets.fetch('mnist', root=str(tmp_path),
+                           mirrors=[server.mirror('m1')],
+                           files=synthetic.files, log=logs.append)
+    assert sorted(paths) == sorted(synthetic.files)
+    for name, path in paths.items():
+        assert path == os.path.join(str(tmp_path), name)
+        with open(path, 'rb') as f:
+            assert f.read() == synthetic.contents[name]
+    assert sorted(os.listdir(tmp_path)) == sorted(synthetic.files)
+    assert len(server.requests) == 4
+
+    assert datasets.fetch('mnist', root=str(tmp_path),
+                          mirrors=[server.mirror('m1')],
+                          files=synthetic.files, log=logs.append) == paths
+    assert len(server.requests) == 4  # second call: all from the cache
+
+
+def test_fetch_falls_back_to_the_next_mirror_on_403(
+        tmp_path, server, synthetic):
+    serve(server, 'm1', synthetic.contents, status=403)
+    serve(server, 'm2', synthetic.contents)
+    logs = []
+    paths = datasets.fetch('mnist', root=str(tmp_path),
+                           mirrors=[server.mirror('m1'), server.mirror('m2')],
+                           files=synthetic.files, log=logs.append)
+    for name, path in paths.items():
+        with open(path, 'rb') as f:
+            assert f.read() == synthetic.contents[name]
+    assert server.requests == [
+        '/{}/{}'.format(m, name) for name in synthetic.files
+        for m in ('m1', 'm2')]
+    assert sum('HTTP 403' in line for line in logs) == 4
+    assert all('\n' not in line for line in logs)
+
+
+def test_fetch_rejects_a_mirror_serving_the_wrong_bytes(
+        tmp_path, server, synthetic):
+    wrong = {name: idx_bytes(numpy.zeros(4)) for name in synthetic.files}
+    serve(server, 'bad', wrong)
+    serve(server, 'good', synthetic.contents)
+    logs = []
+    paths = datasets.fetch(
+        'mnist', root=str(tmp_path),
+        mirrors=[server.mirror('bad'), server.mirror('good')],
+        files=synthetic.files, log=logs.append)
+    for name, path in paths.items():
+        with open(path, 'rb') as f:
+            assert f.read() == synthetic.contents[name]
+    assert sum('md5' in line for line in logs) == 4
+
+
+def test_fetch_with_no_good_mirror_names_file_and_expected_md5(
+        tmp_path, server, synthetic):
+    name = datasets.TEST_IMAGES
+    server.routes['/bad/' + name] = (200, b'not the file')
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.fetch('mnist', root=str(tmp_path),
+                       mirrors=[server.mirror('bad'), server.mirror('gone')],
+                       files={name: synthetic.files[name]}, log=lambda m: 0)
+    message = one_line(info.value)
+    assert name in message
+    assert synthetic.files[name] in message
+    assert server.mirror('bad') in message and server.mirror('gone') in message
+    assert 'HTTP 404' in message and '--data-dir' in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_fetch_redownloads_a_corrupt_cached_file(tmp_path, server, synthetic):
+    name = datasets.TRAIN_IMAGES
+    good = synthetic.contents[name]
+    (tmp_path / name).write_bytes(good[:len(good) // 2])
+    files = {name: synthetic.files[name]}
+
+    # With no mirror able to replace it, the corrupt copy is not used.
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.fetch('mnist', root=str(tmp_path),
+                       mirrors=[server.mirror('m1')], files=files,
+                       log=lambda m: 0)
+    assert name in one_line(info.value)
+
+    serve(server, 'm1', synthetic.contents)
+    logs = []
+    paths = datasets.fetch('mnist', root=str(tmp_path),
+                           mirrors=[server.mirror('m1')], files=files,
+                           log=logs.append)
+    assert (tmp_path / name).read_bytes() == good
+    assert paths == {name: str(tmp_path / name)}
+    assert 'corrupt' in logs[0] and name in logs[0]
+    assert server.requests[-1] == '/m1/' + name
+
+
+def test_a_truncated_download_leaves_no_file_behind(
+        tmp_path, server, synthetic):
+    name = datasets.TRAIN_IMAGES
+    data = synthetic.contents[name]
+    # Advertises the full length but the connection closes half-way.
+    server.routes['/m1/' + name] = (200, data[:len(data) // 2], len(data))
+    with pytest.raises(datasets.DatasetError):
+        datasets.fetch('mnist', root=str(tmp_path),
+                       mirrors=[server.mirror('m1')],
+                       files={name: synthetic.files[name]}, log=lambda m: 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_final_name_appears_only_once_the_file_is_verified(
+        tmp_path, synthetic):
+    name = datasets.TRAIN_IMAGES
+    final = tmp_path / name
+    seen_final_while_streaming = []
+
+    class Response(io.BytesIO):
+        def read(self, size=-1):
+            seen_final_while_streaming.append(final.exists())
+            if self.tell() > 0:
+                raise ConnectionResetError('connection reset')
+            return super().read(10)
+
+    def opener(url, timeout):
+        assert timeout > 0
+        return Response(synthetic.contents[name])
+
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.fetch('mnist', root=str(tmp_path), mirrors=['http://m/'],
+                       files={name: synthetic.files[name]}, opener=opener,
+                       log=lambda m: 0)
+    assert 'connection reset' in one_line(info.value)
+    assert seen_final_while_streaming and not any(seen_final_while_streaming)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('error', [
+    urllib.error.URLError('name resolution failed'),
+    socket.timeout('timed out'),
+    urllib.error.HTTPError('http://m1/', 404, 'Not Found', None, None),
+], ids=['urlerror', 'timeout', 'http404'])
+def test_fetch_falls_back_when_the_opener_fails(tmp_path, synthetic, error):
+    calls = []
+
+    def opener(url, timeout):
+        calls.append(url)
+        if url.startswith('http://m1/'):
+            raise error
+        return io.BytesIO(synthetic.contents[url.rsplit('/', 1)[1]])
+
+    logs = []
+    paths = datasets.fetch('mnist', root=str(tmp_path),
+                           mirrors=['http://m1/', 'http://m2'],
+                           files=synthetic.files, opener=opener,
+                           log=logs.append)
+    assert len(calls) == 8
+    assert sorted(paths) == sorted(synthetic.files)
+    assert all((tmp_path / n).read_bytes() == synthetic.contents[n]
+               for n in synthetic.files)
+    assert all('\n' not in line for line in logs)
+
+
+def test_fetch_raises_when_every_mirror_has_a_url_error(tmp_path, synthetic):
+    def opener(url, timeout):
+        raise urllib.error.URLError('no route to host')
+
+    name = datasets.TEST_LABELS
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.fetch('mnist', root=str(tmp_path),
+                       mirrors=['http://m1/', 'http://m2/'],
+                       files={name: synthetic.files[name]}, opener=opener,
+                       log=lambda m: 0)
+    message = one_line(info.value)
+    assert name in message and 'no route to host' in message
+    assert 'http://m1/' + name in message and 'http://m2/' + name in message
+
+
+def test_fetch_default_cache_is_under_the_chainer_dataset_root(
+        tmp_path, server, synthetic):
+    serve(server, 'm1', synthetic.contents)
+    old_root = chainer.dataset.get_dataset_root()
+    chainer.dataset.set_dataset_root(str(tmp_path))
+    try:
+        paths = datasets.fetch('fashion-mnist', mirrors=[server.mirror('m1')],
+                               files=synthetic.files, log=lambda m: 0)
+    finally:
+        chainer.dataset.set_dataset_root(old_root)
+    folder = os.path.join(str(tmp_path), 'capsnet', 'fashion-mnist')
+    assert all(os.path.dirname(p) == folder for p in paths.values())
+
+
+def test_registry_names_mirrors_and_published_md5s():
+    assert datasets.dataset_names() == ['mnist', 'fashion-mnist']
+    mnist = datasets.DATASETS['mnist']
+    assert mnist['mirrors'] == [
+        'https://storage.googleapis.com/cvdf-datasets/mnist/',
+        'https://ossci-datasets.s3.amazonaws.com/mnist/',
+        'http://yann.lecun.com/exdb/mnist/']
+    assert mnist['files'][datasets.TEST_IMAGES] == \
+        '9fb629c4189551a2d022fa330f9573f3'
+    fashion = datasets.DATASETS['fashion-mnist']
+    assert fashion['mirrors'][0] == \
+        'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
+    assert fashion['files'][datasets.TRAIN_IMAGES] == \
+        '8d4fb7e6c68d591d4c3dfef9ec88bf0d'
+    for spec in datasets.DATASETS.values():
+        assert len(spec['files']) == 4
+
+
+@pytest.mark.parametrize('call', [
+    lambda: datasets.fetch('emnist', log=lambda m: 0),
+    lambda: datasets.get_mnist_like('emnist'),
+], ids=['fetch', 'get_mnist_like'])
+def test_an_unknown_name_lists_the_valid_ones(call):
+    with pytest.raises(datasets.DatasetError) as info:
+        call()
+    message = one_line(info.value)
+    assert 'emnist' in message
+    assert 'mnist, fashion-mnist' in message
+
+
+# -- load_idx ----------------------------------------------------------------
+
+def test_load_idx_reads_images_and_labels(tmp_path):
+    images = numpy.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    (tmp_path / 'i.gz').write_bytes(idx_bytes(images))
+    (tmp_path / 'l.gz').write_bytes(idx_bytes([7, 3]))
+    x = datasets.load_idx(str(tmp_path / 'i.gz'))
+    t = datasets.load_idx(str(tmp_path / 'l.gz'),
+                          expected_md5=md5(idx_bytes([7, 3])))
+    assert x.dtype == numpy.uint8 and x.shape == (2, 28, 28)
+    numpy.testing.assert_array_equal(x, images)
+    assert t.dtype == numpy.uint8 and t.tolist() == [7, 3]
+
+
+def bad_idx_files():
+    good = idx_bytes(numpy.ones((4, 28, 28)))
+    return {
+        'truncated': (good[:len(good) // 2], 'truncated'),
+        'not-gzip': (b'<html>403 Forbidden</html>', 'gzip'),
+        'empty': (b'', 'truncated'),
+        'wrong-magic': (idx_bytes(numpy.ones(4), magic=2050), 'magic'),
+        'short-data': (gzip.compress(struct.pack('>IIII', 2051, 5, 28, 28)
+                                     + bytes(4 * 28 * 28)), 'shape'),
+        'short-header': (gzip.compress(b'\0\0\x08'), 'header'),
+    }
+
+
+@pytest.mark.parametrize('kind', sorted(bad_idx_files()))
+def test_load_idx_reports_a_bad_file_in_one_line(tmp_path, kind):
+    data, problem = bad_idx_files()[kind]
+    path = tmp_path / 'train-images-idx3-ubyte.gz'
+    path.write_bytes(data)
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.load_idx(str(path))
+    message = one_line(info.value)
+    assert 'train-images-idx3-ubyte.gz' in message and str(tmp_path) in message
+    assert problem in message
+
+
+def test_load_idx_checks_the_md5_and_reports_missing_files(tmp_path):
+    path = tmp_path / 'labels.gz'
+    path.write_bytes(idx_bytes([1, 2, 3]))
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.load_idx(str(path), expected_md5='0' * 32)
+    message = one_line(info.value)
+    assert 'labels.gz' in message and '0' * 32 in message
+    assert md5(path.read_bytes()) in message
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.load_idx(str(tmp_path / 'absent.gz'))
+    assert 'absent.gz' in one_line(info.value)
+
+
+# -- get_mnist_like on the real MNIST ------------------------------------------
+
+@pytest.fixture(scope='module')
+def raw_mnist():
+    return {name: datasets.load_idx(os.path.join(MNIST_DIR, name), digest)
+            for name, digest in MNIST_MD5.items()}
+
+
+@needs_mnist
+def test_full_mnist_shapes_dtypes_and_range(raw_mnist):
+    train, validation, test = datasets.get_mnist_like(data_dir=MNIST_DIR)
+    assert validation is None
+    for dataset, n, images, labels in (
+            (train, 60000, datasets.TRAIN_IMAGES, datasets.TRAIN_LABELS),
+            (test, 10000, datasets.TEST_IMAGES, datasets.TEST_LABELS)):
+        assert isinstance(dataset, chainer.datasets.TupleDataset)
+        x, t = dataset._datasets
+        assert x.shape == (n, 1, 28, 28) and x.dtype == numpy.float32
+        assert t.shape == (n,) and t.dtype == numpy.int32
+        assert x.min() == 0 and x.max() == 1
+        assert set(numpy.unique(t)) == set(range(10))
+        numpy.testing.assert_array_equal(x[:50, 0] * 255,
+                                         raw_mnist[images][:50])
+        numpy.testing.assert_array_equal(t, raw_mnist[labels])
+
+
+@needs_mnist
+def test_validation_holds_out_the_last_examples_and_sizes_take_the_first(
+        raw_mnist):
+    train, validation, test = datasets.get_mnist_like(
+        data_dir=MNIST_DIR, validation=5000, train_size=100, test_size=30)
+    assert (len(train), len(validation), len(test)) == (100, 5000, 30)
+    train_t = raw_mnist[datasets.TRAIN_LABELS]
+    numpy.testing.assert_array_equal(train._datasets[1], train_t[:100])
+    numpy.testing.assert_array_equal(validation._datasets[1], train_t[55000:])
+    numpy.testing.assert_array_equal(
+        validation._datasets[0][:, 0] * 255,
+        raw_mnist[datasets.TRAIN_IMAGES][55000:])
+    numpy.testing.assert_array_equal(
+        test._datasets[1], raw_mnist[datasets.TEST_LABELS][:30])
+    # All that remains after the hold-out is still available...
+    train, _, _ = datasets.get_mnist_like(
+        data_dir=MNIST_DIR, validation=5000, train_size=55000, test_size=1)
+    assert len(train) == 55000
+    # ...but not one more.
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.get_mnist_like(data_dir=MNIST_DIR, validation=5000,
+                                train_size=55001)
+    assert 'train_size' in one_line(info.value)
+
+
+@needs_mnist
+@pytest.mark.parametrize('kwargs, word', [
+    (dict(test_size=10001), 'test_size'),
+    (dict(train_size=0), 'train_size'),
+    (dict(test_size=-1), 'test_size'),
+    (dict(validation=60000), 'validation'),
+    (dict(validation=-5), 'validation'),
+    (dict(input_size=27), 'input_size'),
+])
+def test_impossible_sizes_raise(kwargs, word):
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.get_mnist_like(data_dir=MNIST_DIR, **kwargs)
+    assert word in one_line(info.value)
+
+
+@needs_mnist
+@pytest.mark.parametrize('size, top', [(40, 6), (36, 4), (29, 0)])
+def test_input_size_pads_with_zeros_centred(raw_mnist, size, top):
+    train, _, test = datasets.get_mnist_like(
+        data_dir=MNIST_DIR, train_size=20, test_size=20, input_size=size)
+    for dataset, name in ((train, datasets.TRAIN_IMAGES),
+                          (test, datasets.TEST_IMAGES)):
+        x = dataset._datasets[0]
+        assert x.shape == (20, 1, size, size) and x.dtype == numpy.float32
+        inner = x[:, 0, top:top + 28, top:top + 28]
+        numpy.testing.assert_array_equal(inner * 255, raw_mnist[name][:20])
+        outside = x.copy()
+        outside[:, 0, top:top + 28, top:top + 28] = 0
+        assert not outside.any()
+
+
+def copy_mnist(folder, skip=()):
+    for name in MNIST_MD5:
+        if name not in skip:
+            shutil.copy(os.path.join(MNIST_DIR, name), str(folder))
+
+
+@needs_mnist
+def test_data_dir_with_a_truncated_file_names_it_and_its_md5(tmp_path):
+    copy_mnist(tmp_path)
+    name = datasets.TEST_IMAGES
+    with open(str(tmp_path / name), 'r+b') as f:
+        f.truncate(100000)
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.get_mnist_like(data_dir=str(tmp_path))
+    message = one_line(info.value)
+    assert name in message and str(tmp_path) in message
+    assert '9fb629c4189551a2d022fa330f9573f3' in message
+
+
+@needs_mnist
+def test_data_dir_with_a_missing_file_names_it_and_the_folder(tmp_path):
+    copy_mnist(tmp_path, skip=[datasets.TRAIN_LABELS])
+    with pytest.raises(datasets.DatasetError) as info:
+        datasets.get_mnist_like(data_dir=str(tmp_path))
+    message = one_line(info.value)
+    assert datasets.TRAIN_LABELS in message and str(tmp_path) in message
+
+
+@needs_mnist
+def test_a_verified_cache_is_used_without_network(tmp_path):
+    copy_mnist(tmp_path)
+    train, validation, test = datasets.get_mnist_like(
+        root=str(tmp_path), train_size=10, test_size=10)
+    assert (len(train), validation, len(test)) == (10, None, 10)
+
+
+# -- command line ------------------------------------------------------------
+
+@needs_mnist
+def test_cli_verifies_a_data_dir(capsys):
+    assert datasets.main(['--dataset', 'mnist', '--data-dir', MNIST_DIR]) == 0
+    out = capsys.readouterr().out
+    assert '60000 images' in out and '10000 labels' in out
+
+
+def test_cli_error_is_one_line_on_stderr_with_exit_status_1(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), '..', 'datasets.py')
+    result = subprocess.run(
+        [sys.executable, script, '--dataset', 'mnist',
+         '--data-dir', str(tmp_path)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ''
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ')
+    assert datasets.TRAIN_IMAGES in lines[0] and str(tmp_path) in lines[0]
+
+
+# -- random_shift ------------------------------------------------------------
+
+def shifted(image, dy, dx):
+    """Reference: image (C, H, W) moved down dy and right dx, zero fill."""
+    out = numpy.zeros_like(image)
+    h, w = image.shape[1:]
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i - dy < h and 0 <= j - dx < w:
+                out[:, i, j] = image[:, i - dy, j - dx]
+    return out
+
+
+def test_random_shift_moves_each_sample_by_its_own_offsets():
+    x = numpy.random.RandomState(1).uniform(
+        1, 2, (32, 2, 7, 9)).astype(numpy.float32)  # no zeros in the input
+    original = x.copy()
+    out = datasets.random_shift(x, 3, numpy.random.RandomState(0))
+    offsets = numpy.random.RandomState(0).randint(-3, 4, size=(32, 2))
+    assert out.shape == x.shape and out.dtype == x.dtype and out is not x
+    numpy.testing.assert_array_equal(x, original)
+    assert len({tuple(o) for o in offsets}) > 20  # genuinely per sample
+    for b, (dy, dx) in enumerate(offsets):
+        numpy.testing.assert_array_equal(out[b], shifted(x[b], dy, dx))
+        assert (out[b] == 0).sum() == 2 * (
+            7 * 9 - (7 - abs(dy)) * (9 - abs(dx)))
+
+
+def test_random_shift_stays_within_max_shift_and_covers_the_range():
+    x = numpy.zeros((500, 1, 11, 11), numpy.uint8)
+    x[:, 0, 5, 5] = 255
+    out = datasets.random_shift(x, 2, numpy.random.RandomState(3))
+    assert out.dtype == numpy.uint8
+    b, _, i, j = numpy.nonzero(out)
+    numpy.testing.assert_array_equal(b, numpy.arange(500))
+    assert set(zip(i - 5, j - 5)) == {(dy, dx) for dy in range(-2, 3)
+                                      for dx in range(-2, 3)}
+
+
+def test_random_shift_draws_once_and_is_deterministic():
+    x = numpy.random.RandomState(2).rand(8, 1, 28, 28).astype(numpy.float32)
+    state = numpy.random.RandomState(5)
+    first = datasets.random_shift(x, 2, state)
+    reference = numpy.random.RandomState(5)
+    reference.randint(-2, 3, size=(8, 2))
+    assert state.randint(1 << 30) == reference.randint(1 << 30)
+    numpy.testing.assert_array_equal(
+        first, datasets.random_shift(x, 2, numpy.random.RandomState(5)))
+    assert not numpy.array_equal(
+        first, datasets.random_shift(x, 2, numpy.random.RandomState(6)))
+
+
+def test_random_shift_zero_is_the_identity():
+    x = numpy.random.RandomState(0).rand(4, 1, 28, 28).astype(numpy.float32)
+    state = numpy.random.RandomState(0)
+    out = datasets.random_shift(x, 0, state)
+    numpy.testing.assert_array_equal(out, x)
+    assert out.dtype == x.dtype and out is not x
+    assert state.randint(1 << 30) == \
+        numpy.random.RandomState(0).randint(1 << 30)  # nothing drawn
+
+
+def test_random_shift_rejects_a_negative_max_shift():
+    with pytest.raises(ValueError):
+        datasets.random_shift(numpy.zeros((1, 1, 4, 4)), -1,
+                              numpy.random.RandomState(0))
