@@ -260,8 +260,12 @@ class FinalReport(training.Extension):
             self.history.append((trainer.updater.epoch, float(value)))
 
     def serialize(self, serializer):
-        history = numpy.asarray(self.history, dtype=numpy.float64)
-        history = serializer('history', history.reshape(-1, 2))
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            # its length varies, so read it whole instead of into an array
+            history = serializer('history', None)
+        else:
+            history = serializer('history', numpy.asarray(
+                self.history, dtype=numpy.float64).reshape(-1, 2))
         self.history = [(int(e), float(a)) for e, a in
                         numpy.asarray(history).reshape(-1, 2)]
 
