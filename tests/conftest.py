@@ -1,0 +1,71 @@
+"""Shared fixtures for the tests of the command-line tools.
+
+- ``mnist_dir``: the real MNIST folder (shared/data/mnist beside the
+  checkout, or $CAPSNET_SHARED_DATA/mnist); the test is skipped when absent.
+- ``fresh_model_path`` / ``no_decoder_model_path``: a freshly initialised
+  ``nets.CapsNet()`` (seed 0), with / without the decoder, saved once per
+  session with ``nets.save_model``.
+- ``run_tool``: call a tool's ``main(argv)`` in-process and return
+  (exit status, stdout, stderr), an exit by ``sys.exit`` included.
+"""
+import os
+
+import numpy
+import pytest
+
+import nets
+
+SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
+MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+
+
+@pytest.fixture(scope='session')
+def mnist_dir():
+    """Folder with the four real MNIST files, or skip the test."""
+    folder = os.path.abspath(os.path.join(SHARED_DATA, 'mnist'))
+    if not all(os.path.isfile(os.path.join(folder, f))
+               for f in MNIST_FILES):
+        pytest.skip('real MNIST not found in {} (set CAPSNET_SHARED_DATA to '
+                    'the folder holding mnist/)'.format(folder))
+    return folder
+
+
+def _save_fresh(path, **options):
+    state = numpy.random.get_state()
+    numpy.random.seed(0)
+    try:
+        nets.save_model(str(path), nets.CapsNet(**options))
+    finally:
+        numpy.random.set_state(state)
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def fresh_model_path(tmp_path_factory):
+    """A freshly initialised CapsNet() (with decoder) saved to a file."""
+    return _save_fresh(tmp_path_factory.mktemp('models') / 'fresh.npz')
+
+
+@pytest.fixture(scope='session')
+def no_decoder_model_path(tmp_path_factory):
+    """A freshly initialised CapsNet(reconstruct=False) saved to a file."""
+    return _save_fresh(tmp_path_factory.mktemp('models') / 'no_decoder.npz',
+                       reconstruct=False)
+
+
+@pytest.fixture
+def run_tool(capsys):
+    """run_tool(main, argv) -> (status, stdout, stderr) of main(argv)."""
+    def run(main, argv):
+        capsys.readouterr()
+        try:
+            status = main([str(a) for a in argv])
+        except SystemExit as e:
+            status = e.code
+        out, err = capsys.readouterr()
+        if status is None:
+            status = 0
+        return status, out, err
+    return run

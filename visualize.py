@@ -1,0 +1,481 @@
+#!/usr/bin/env python
+"""Draw what a trained CapsNet's decoder makes of its digit capsules.
+
+    python visualize.py -g 0 --load model --out vis
+    python visualize.py --load model --range 0.25 --step 0.05   # CPU
+
+Writes into --out (default ``vis``):
+
+- ``vis.png``: the first two test examples of every class (20 images), each
+  directly above its reconstruction (blue) from the PREDICTED class's
+  capsule (4 rows x 10 columns: inputs, reconstructions, inputs,
+  reconstructions).
+- ``vis_all.png``: one test example per class as columns; the top row is the
+  input (green), row 1 + i its reconstruction through digit capsule i alone
+  (blue): 11 rows x 10 columns.
+- ``vis_tweaked0.png`` ... ``vis_tweaked9.png``: for one example of each
+  class, the capsule of its TRUE label (the paper's Figure 4) with one of its
+  16 dimensions perturbed per row by -range ... +range in steps of --step
+  (columns); the unperturbed column is framed in red: 16 rows x
+  (2 * round(range / step) + 1) columns.
+
+The mosaics are saved pixel for pixel (one image pixel per PNG pixel, tiles
+separated by a 2 px grey border). The model needs the decoder, i.e. it must
+have been trained with ``train.py --reconstruct``.
+
+The image helpers here (``tile``, ``tint``, ``save_image``,
+``write_atomically``) and the command-line helpers (``fail``,
+``select_device``, ``load_model``) are shared with predict.py and
+evaluate.py.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+
+import numpy
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.image  # noqa: E402
+
+import chainer  # noqa: E402
+from chainer import backend  # noqa: E402
+
+import datasets  # noqa: E402
+import nets  # noqa: E402
+
+BORDER = 2
+BORDER_COLOR = (0.5, 0.5, 0.5)
+FRAME_COLOR = (1.0, 0.0, 0.0)
+GREEN = (0.25, 1.0, 0.25)
+BLUE = (0.35, 0.6, 1.0)
+MAX_STEPS = 50  # at most 2 * 50 + 1 columns in a tweak figure
+
+
+# --------------------------------------------------------------------------
+# Command-line helpers (shared with predict.py and evaluate.py)
+# --------------------------------------------------------------------------
+
+def fail(message, status=1):
+    """Print ONE line ``error: message`` to stderr and exit with status."""
+    print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
+    sys.exit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line ``error: ...`` (status 2)."""
+
+    def error(self, message):
+        fail('{}; see {} --help'.format(message, self.prog), 2)
+
+
+def add_device_arguments(parser):
+    parser.add_argument('--gpu', '-g', type=int, default=-1,
+                        help='GPU id (negative: CPU, the default)')
+    parser.add_argument('--device', default=None,
+                        help='Chainer device specifier (@numpy, @cupy:0); '
+                             'overrides -g')
+
+
+def select_device(args, status=1):
+    """chainer Device for --device / -g (as train.py), or exit with a line."""
+    spec = args.device
+    if spec is None:
+        spec = '@numpy' if args.gpu < 0 else '@cupy:{}'.format(args.gpu)
+    if 'cupy' in spec:
+        from chainer.backends import cuda
+        if not cuda.available:
+            fail('{} needs CuPy with a working CUDA GPU, and CuPy is not '
+                 'available; install cupy-cuda12x or run on the CPU with '
+                 '-g -1'.format(spec), status)
+    try:
+        device = chainer.get_device(spec)
+        device.use()
+    except Exception as e:  # chainer raises several kinds here
+        fail('cannot use device {}: {}; check -g/--device'.format(
+            spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
+            status)
+    return device
+
+
+def load_model(path, need_capsnet=True, need_decoder=False, status=1,
+               purpose='this tool'):
+    """nets.load_model, or exit with one line when the file is unusable.
+
+    Args:
+        need_capsnet: the file must hold a CapsNet (not the baseline CNN).
+        need_decoder: the CapsNet must have its decoder (--reconstruct).
+        purpose: what needs it, for the messages.
+    """
+    try:
+        model = nets.load_model(path)
+    except nets.ModelFileError as e:
+        fail(e, status)
+    except Exception as e:  # anything nets did not anticipate
+        fail('cannot load model file {} ({}: {}); it may be truncated or '
+             'corrupt, so train again with --save'.format(
+                 path, type(e).__name__, str(e).splitlines()[0]
+                 if str(e) else ''), status)
+    if need_capsnet and model.arch != 'capsnet':
+        fail('{} holds the {} network, not a CapsNet; {} needs a CapsNet '
+             'model (train.py --arch capsnet)'.format(
+                 path, model.arch, purpose), status)
+    if need_decoder and not getattr(model, 'reconstruct', False):
+        fail('{} was trained without --reconstruct, so it has no decoder and '
+             '{} cannot draw reconstructions; train with train.py '
+             '--reconstruct'.format(path, purpose), status)
+    if model.options.get('n_classes', 10) != 10:
+        fail('{} has {} classes; {} expects the 10 classes of MNIST'.format(
+            path, model.options.get('n_classes'), purpose), status)
+    return model
+
+
+def check_writable(folder, what='--out', status=1):
+    """Create ``folder`` if needed and make sure files can be written there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        fail('cannot write to {} ({}); choose another {}'.format(
+            folder, e.strerror or e, what), status)
+
+
+def write_atomically(path, write):
+    """Call ``write(binary_file)`` on a temp file beside path, then rename.
+
+    An interrupted write never leaves a half file under the final name.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
+                               suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_image(path, image):
+    """Save (H, W) gray or (H, W, 3) RGB values in [0, 1] as a PNG."""
+    image = numpy.clip(numpy.asarray(image, dtype=numpy.float32), 0, 1)
+    kwargs = {'cmap': 'gray', 'vmin': 0, 'vmax': 1} if image.ndim == 2 \
+        else {}
+    write_atomically(path, lambda f: matplotlib.image.imsave(
+        f, image, format='png', **kwargs))
+
+
+def save_figure(path, figure, dpi=100):
+    """Save a matplotlib Figure as a PNG atomically."""
+    write_atomically(path, lambda f: figure.savefig(f, format='png',
+                                                    dpi=dpi))
+
+
+def to_cpu(array):
+    return numpy.asarray(backend.CpuDevice().send(array))
+
+
+# --------------------------------------------------------------------------
+# Mosaics
+# --------------------------------------------------------------------------
+
+def tint(images, color):
+    """(..., H, W) gray in [0, 1] -> (..., H, W, 3): black stays black,
+    white becomes ``color``."""
+    images = numpy.asarray(images, dtype=numpy.float32)
+    return images[..., None] * numpy.asarray(color, dtype=numpy.float32)
+
+
+def tile(images, rows, cols, border=BORDER, border_color=BORDER_COLOR,
+         frames=(), frame_color=FRAME_COLOR):
+    """Tile images row by row into one RGB mosaic.
+
+    Args:
+        images: (N, H, W) gray or (N, H, W, 3) RGB in [0, 1], N <= rows*cols;
+            image k goes to row k // cols, column k % cols (empty cells
+            keep the border colour).
+        border: pixels between tiles and around the mosaic.
+        frames: (row, col) tiles whose surrounding border is drawn in
+            ``frame_color`` (e.g. to mark a reference column).
+    Returns:
+        float32 (rows * (H + border) + border, cols * (W + border) + border,
+        3) in [0, 1].
+    """
+    images = numpy.asarray(images, dtype=numpy.float32)
+    if images.ndim == 3:
+        images = numpy.repeat(images[..., None], 3, axis=3)
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError('images must be (N, H, W) or (N, H, W, 3), got {}'
+                         .format(images.shape))
+    n, height, width = images.shape[:3]
+    if n > rows * cols:
+        raise ValueError('{} images do not fit {} x {} tiles'.format(
+            n, rows, cols))
+    grid = numpy.empty((rows * (height + border) + border,
+                        cols * (width + border) + border, 3), numpy.float32)
+    grid[...] = border_color
+    for k in range(n):
+        top = border + (k // cols) * (height + border)
+        left = border + (k % cols) * (width + border)
+        grid[top:top + height, left:left + width] = images[k]
+    for row, col in frames:
+        top = border + row * (height + border)
+        left = border + col * (width + border)
+        ring = grid[top - border:top + height + border,
+                    left - border:left + width + border]
+        ring[:border] = frame_color
+        ring[-border:] = frame_color
+        ring[:, :border] = frame_color
+        ring[:, -border:] = frame_color
+    return numpy.clip(grid, 0, 1)
+
+
+def tile_shape(rows, cols, side, border=BORDER):
+    """(height, width) of ``tile`` for rows x cols tiles of side x side."""
+    return (rows * (side + border) + border, cols * (side + border) + border)
+
+
+# --------------------------------------------------------------------------
+# Running the network
+# --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Test mode, no graph, and the model's fixed-weight context."""
+    inference = getattr(model, 'inference', contextlib.nullcontext)
+    with chainer.using_config('train', False), chainer.no_backprop_mode(), \
+            inference():
+        yield
+
+
+def digit_capsules(model, x, device, batchsize=100):
+    """Images (N, 1, S, S) numpy -> digit capsules v (N, 10, 16) numpy."""
+    out = []
+    with inference_mode(model):
+        for i in range(0, len(x), batchsize):
+            v = model.capsules(device.send(numpy.asarray(x[i:i + batchsize])))
+            out.append(to_cpu(v.array))
+    return numpy.concatenate(out) if out else numpy.zeros(
+        (0, model.n_classes, nets.DIGIT_DIM), numpy.float32)
+
+
+def decode(model, masked, device, batchsize=500):
+    """Masked capsules (N, 10 * 16) numpy -> reconstructions (N, S, S).
+
+    ``masked`` holds one class's 16 values at [16 j, 16 j + 16) and zeros
+    elsewhere (what nets.mask makes); any values may be put there.
+    """
+    side = model.input_size
+    out = []
+    with inference_mode(model):
+        for i in range(0, len(masked), batchsize):
+            h = device.send(numpy.ascontiguousarray(
+                masked[i:i + batchsize], dtype=numpy.float32))
+            out.append(to_cpu(model.decoder(h).array))
+    if not out:
+        return numpy.zeros((0, side, side), numpy.float32)
+    return numpy.concatenate(out).reshape(-1, side, side)
+
+
+def masked_capsules(v, labels):
+    """v (N, J, D), labels (N,) -> (N, J * D) keeping only each label's
+    capsule (numpy twin of nets.mask)."""
+    v = numpy.asarray(v)
+    keep = numpy.eye(v.shape[1], dtype=v.dtype)[numpy.asarray(labels)]
+    return (v * keep[:, :, None]).reshape(len(v), -1)
+
+
+def reconstruct(model, v, labels, device):
+    """v (N, J, D) numpy, labels (N,) -> (N, S, S) from label's capsule."""
+    return decode(model, masked_capsules(v, labels), device)
+
+
+def pick_examples(labels, per_class=2, n_classes=10):
+    """Indices (n_classes, per_class): the first examples of each class.
+
+    Raises ValueError naming the classes with too few examples.
+    """
+    labels = numpy.asarray(labels)
+    picked, short = [], []
+    for c in range(n_classes):
+        found = numpy.flatnonzero(labels == c)[:per_class]
+        if len(found) < per_class:
+            short.append(c)
+        picked.append(found)
+    if short:
+        raise ValueError('the test set has fewer than {} examples of class '
+                         '{}'.format(per_class,
+                                     ', '.join(str(c) for c in short)))
+    return numpy.stack(picked)
+
+
+def tweak_deltas(range_, step):
+    """The perturbations -range ... +range: step * (-n ... n),
+    n = round(range / step); (2n + 1,) float32."""
+    n = int(round(range_ / step))
+    return (step * numpy.arange(-n, n + 1)).astype(numpy.float32)
+
+
+def tweaked_capsules(capsule, label, deltas, n_classes=10):
+    """Masked inputs (D * C, J * D) for the decoder: row d * C + k is the
+    capsule (D,) of class ``label`` with dimension d moved by deltas[k]."""
+    dim, n_cols = len(capsule), len(deltas)
+    tweaked = numpy.repeat(numpy.asarray(capsule, numpy.float32)[None, None],
+                           dim * n_cols, axis=0).reshape(dim, n_cols, dim)
+    for d in range(dim):
+        tweaked[d, :, d] += deltas
+    masked = numpy.zeros((dim * n_cols, n_classes, dim), numpy.float32)
+    masked[:, label] = tweaked.reshape(dim * n_cols, dim)
+    return masked.reshape(dim * n_cols, n_classes * dim)
+
+
+# --------------------------------------------------------------------------
+# The three figures
+# --------------------------------------------------------------------------
+
+def reconstruction_grid(x, recon, cols=10):
+    """Inputs (N, S, S) and reconstructions (N, S, S), N a multiple of cols,
+    -> mosaic of 2 * N / cols rows: each row of inputs directly above a row
+    of their reconstructions (reconstructions tinted blue)."""
+    n = len(x)
+    rows = []
+    for i in range(0, n, cols):
+        rows.append(tint(x[i:i + cols], (1, 1, 1)))
+        rows.append(tint(recon[i:i + cols], BLUE))
+    return tile(numpy.concatenate(rows), 2 * ((n + cols - 1) // cols), cols)
+
+
+def all_capsules_grid(x, recon_all):
+    """Inputs (C, S, S) (one per class) and recon_all (J, C, S, S), row j the
+    reconstructions through capsule j -> mosaic of (1 + J) x C tiles:
+    inputs on top in green, reconstructions below in blue."""
+    n_caps, n_examples = recon_all.shape[:2]
+    images = numpy.concatenate([tint(x, GREEN)[None],
+                                tint(recon_all, BLUE)]).reshape(
+        (1 + n_caps) * n_examples, *recon_all.shape[2:], 3)
+    return tile(images, 1 + n_caps, n_examples)
+
+
+def tweak_grid(images, n_rows, n_cols, centre):
+    """Reconstructions (n_rows * n_cols, S, S), row = capsule dimension,
+    column = perturbation -> mosaic with column ``centre`` (no perturbation)
+    framed in red."""
+    return tile(images, n_rows, n_cols,
+                frames=[(r, centre) for r in range(n_rows)])
+
+
+def build_parser():
+    parser = ArgumentParser(
+        description="Draw a CapsNet's reconstructions (vis.png, "
+                    'vis_all.png, vis_tweaked0-9.png)')
+    add = parser.add_argument
+    add('--load', required=True,
+        help='model file written by train.py --save (with --reconstruct)')
+    add('--out', '-o', default='vis', help='folder for the PNG files')
+    add('--dataset', default='mnist', choices=datasets.dataset_names())
+    add('--data-dir', default=None,
+        help='read the four *-ubyte.gz files from here (no download)')
+    add('--range', type=float, default=0.25, dest='range_',
+        help='perturb each capsule dimension by -RANGE ... +RANGE')
+    add('--step', type=float, default=0.05, help='perturbation step')
+    add_device_arguments(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (numpy.isfinite(args.step) and args.step > 0):
+        parser.error('--step must be > 0, got {}'.format(args.step))
+    if not (numpy.isfinite(args.range_) and args.range_ >= 0):
+        parser.error('--range must be >= 0, got {}'.format(args.range_))
+    ratio = args.range_ / args.step
+    if not numpy.isfinite(ratio) or round(ratio) > MAX_STEPS:
+        parser.error('--range / --step must be at most {} (that is {} '
+                     'columns), got {:g}'.format(
+                         MAX_STEPS, 2 * MAX_STEPS + 1, ratio))
+
+    model = load_model(args.load, need_decoder=True, purpose='visualize.py')
+    device = select_device(args)
+    check_writable(args.out)
+    try:
+        _, _, test = datasets.get_mnist_like(
+            args.dataset, data_dir=args.data_dir,
+            input_size=model.input_size)
+    except datasets.DatasetError as e:
+        fail(e)
+    x_all, t_all = test._datasets
+    try:
+        picked = pick_examples(t_all, per_class=2)
+    except ValueError as e:
+        fail(e)
+    model.to_device(device)
+    side = model.input_size
+
+    # vis.png: the 20 inputs above their reconstructions (predicted class)
+    order = picked.T.reshape(-1)  # first examples of 0-9, then second ones
+    x = x_all[order]
+    v = digit_capsules(model, x, device)
+    lengths = numpy.sqrt((v * v).sum(axis=2))
+    predicted = lengths.argmax(axis=1)
+    recon = reconstruct(model, v, predicted, device)
+    written = []
+
+    def save(name, image):
+        path = os.path.join(args.out, name)
+        try:
+            save_image(path, image)
+        except OSError as e:
+            fail('cannot write {} ({}); choose another --out'.format(
+                path, e.strerror or e))
+        written.append(path)
+
+    save('vis.png', reconstruction_grid(x[:, 0], recon))
+
+    # vis_all.png: one example per class through every capsule
+    first, v_first = x[:10, 0], v[:10]
+    n_classes = v.shape[1]
+    recon_all = numpy.stack([
+        reconstruct(model, v_first, numpy.full(10, j), device)
+        for j in range(n_classes)])
+    save('vis_all.png', all_capsules_grid(first, recon_all))
+
+    # vis_tweaked<c>.png: the true class's capsule, one dimension per row
+    deltas = tweak_deltas(args.range_, args.step)
+    centre = len(deltas) // 2
+    dim = v.shape[2]
+    for c in range(n_classes):
+        label = int(t_all[order[c]])
+        masked = tweaked_capsules(v_first[c, label], label, deltas,
+                                  n_classes)
+        images = decode(model, masked, device)
+        save('vis_tweaked{}.png'.format(c),
+             tweak_grid(images, dim, len(deltas), centre))
+
+    print('model {} ({}), {} test set'.format(
+        args.load, ', '.join('{}={}'.format(k, val) for k, val in
+                             sorted(model.options.items())), args.dataset))
+    print('examples (test indices) {}'.format(' '.join(
+        str(i) for i in order)))
+    print('labels     {}'.format(' '.join(str(int(t)) for t in
+                                           t_all[order])))
+    print('predicted  {}'.format(' '.join(str(int(p)) for p in predicted)))
+    print('tweaks: {} columns, {:+.3g} ... {:+.3g} (step {:g}); {}x{} '
+          'pixel tiles'.format(len(deltas), deltas[0], deltas[-1],
+                               args.step, side, side))
+    for path in written:
+        print('wrote {}'.format(path))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
