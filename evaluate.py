@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Evaluate a trained model on the MNIST (or Fashion-MNIST) test set.
+
+    python evaluate.py --load model                     # CPU, 10,000 images
+    python evaluate.py -g 0 --load model --out eval --json
+
+Prints the test error with its count (``test error 0.52% (52 of 10000)``),
+a per-class error table and the mean digit-capsule length of the true class
+and of the runner-up (the longest other capsule), over all test examples and
+over the misclassified ones. Writes into --out (default ``eval``):
+
+- ``confusion.png``: the 10 x 10 confusion matrix (rows true, columns
+  predicted) with the counts;
+- ``misclassified.png``: up to 100 misclassified test images (drawn dark on
+  white), each headed ``p7 t2`` (predicted 7, true 2), in test-set order;
+- ``evaluation.json``: everything above (see ``evaluate``); ``--json`` also
+  prints it as one line on stdout (and the human-readable report goes to
+  stderr).
+
+A baseline CNN model (train.py --arch baseline) is evaluated too; its
+"lengths" are its softmax probabilities (``"score": "probability"``).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy
+
+import matplotlib
+matplotlib.use('Agg')
+from matplotlib.figure import Figure  # noqa: E402
+
+import datasets  # noqa: E402
+import visualize  # noqa: E402
+from visualize import fail  # noqa: E402
+
+MAX_SHOWN = 100
+SHOWN_COLS = 10
+
+
+def run_model(model, x, device, batchsize):
+    """Images (N, 1, S, S) numpy -> predictions (N,) int and scores (N, 10)
+    numpy: the capsule lengths of a CapsNet, the softmax probabilities of
+    the baseline."""
+    predictions, scores = [], []
+    with visualize.inference_mode(model):
+        for i in range(0, len(x), batchsize):
+            p, s = model.predict(device.send(x[i:i + batchsize]))
+            predictions.append(visualize.to_cpu(p))
+            scores.append(visualize.to_cpu(s))
+    return (numpy.concatenate(predictions).astype(numpy.int64),
+            numpy.concatenate(scores).astype(numpy.float64))
+
+
+def _mean(values):
+    return float(numpy.mean(values)) if len(values) else None
+
+
+def evaluate(predictions, scores, t, n_classes=10):
+    """Error statistics of predictions (N,), scores (N, J), labels t (N,).
+
+    Returns:
+        dict with ``n``, ``errors``, ``test_error`` (errors / n, a
+        fraction), ``test_error_percent``, ``confusion`` (J x J counts,
+        [true][predicted]), ``per_class_n``, ``per_class_errors``,
+        ``per_class_error`` (fraction per true class; None for a class
+        without examples), ``mean_length_true`` / ``mean_length_runner_up``
+        (mean score of the true class / of the highest other class) and the
+        same over the misclassified examples (``..._misclassified``, None
+        when there are none), and ``misclassified`` (test indices).
+    """
+    predictions = numpy.asarray(predictions)
+    scores = numpy.asarray(scores)
+    t = numpy.asarray(t).astype(numpy.int64)
+    n = len(t)
+    confusion = numpy.zeros((n_classes, n_classes), numpy.int64)
+    numpy.add.at(confusion, (t, predictions), 1)
+    wrong = predictions != t
+    per_class_n = confusion.sum(axis=1)
+    per_class_errors = per_class_n - numpy.diag(confusion)
+    true_score = scores[numpy.arange(n), t]
+    others = scores.copy()
+    others[numpy.arange(n), t] = -numpy.inf
+    runner_up = others.max(axis=1) if n else numpy.zeros(0)
+    errors = int(wrong.sum())
+    return {
+        'n': int(n),
+        'errors': errors,
+        'test_error': errors / n if n else None,
+        'test_error_percent': 100.0 * errors / n if n else None,
+        'confusion': confusion.tolist(),
+        'per_class_n': per_class_n.tolist(),
+        'per_class_errors': per_class_errors.tolist(),
+        'per_class_error': [int(e) / int(c) if c else None
+                            for e, c in zip(per_class_errors, per_class_n)],
+        'mean_length_true': _mean(true_score),
+        'mean_length_runner_up': _mean(runner_up),
+        'mean_length_true_misclassified': _mean(true_score[wrong]),
+        'mean_length_runner_up_misclassified': _mean(runner_up[wrong]),
+        'misclassified': numpy.flatnonzero(wrong).tolist(),
+    }
+
+
+def confusion_figure(confusion, title):
+    """Figure of a (J, J) count matrix, rows true, columns predicted."""
+    confusion = numpy.asarray(confusion)
+    n_classes = len(confusion)
+    figure = Figure(figsize=(6.4, 5.6))
+    ax = figure.add_subplot(1, 1, 1)
+    image = ax.imshow(confusion, cmap='Blues', interpolation='nearest')
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    threshold = confusion.max() / 2 if confusion.size else 0
+    for i in range(n_classes):
+        for j in range(n_classes):
+            ax.text(j, i, str(confusion[i, j]), ha='center', va='center',
+                    fontsize=7,
+                    color='white' if confusion[i, j] > threshold else 'black')
+    ax.set_xticks(range(n_classes))
+    ax.set_yticks(range(n_classes))
+    ax.set_xlabel('predicted class')
+    ax.set_ylabel('true class')
+    ax.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_figure(images, predictions, labels, title,
+                         cols=SHOWN_COLS):
+    """Figure of images (N, S, S), each headed 'p<predicted> t<true>'."""
+    n = len(images)
+    figure = Figure(figsize=(cols * 0.75, max(1, -(-n // cols)) * 0.85
+                             + 0.4))
+    ax = figure.add_axes([0, 0, 1, 1 - 0.4 / figure.get_figheight()])
+    ax.set_axis_off()
+    if n == 0:
+        ax.text(0.5, 0.5, 'no misclassified test examples', ha='center',
+                va='center')
+        figure.suptitle(title, fontsize=9)
+        return figure
+    side = images.shape[1]
+    rows = -(-n // cols)
+    label_space = 12  # pixels above each tile for its text
+    cell_h, cell_w = side + label_space, side + 2
+    canvas = numpy.ones((rows * cell_h, cols * cell_w))
+    for k in range(n):
+        r, c = divmod(k, cols)
+        top, left = r * cell_h + label_space, c * cell_w + 1
+        canvas[top:top + side, left:left + side] = 1 - images[k]
+    ax.imshow(canvas, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+    for k in range(n):
+        r, c = divmod(k, cols)
+        ax.text(c * cell_w + cell_w / 2, r * cell_h + label_space - 2,
+                'p{} t{}'.format(predictions[k], labels[k]), ha='center',
+                va='bottom', fontsize=7,
+                color='red')
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def build_parser():
+    parser = visualize.ArgumentParser(
+        description='Test error, confusion matrix and misclassified '
+                    'examples of a trained model')
+    add = parser.add_argument
+    add('--load', required=True, help='model file written by train.py '
+                                      '--save')
+    add('--dataset', default='mnist', choices=datasets.dataset_names())
+    add('--data-dir', default=None,
+        help='read the four *-ubyte.gz files from here (no download)')
+    add('--test-size', type=_positive_int, default=None,
+        help='use the first N test examples (default all)')
+    add('--out', '-o', default='eval',
+        help='folder for confusion.png, misclassified.png, evaluation.json')
+    add('--batchsize', '-b', type=_positive_int, default=200)
+    add('--json', action='store_true',
+        help='print evaluation.json as one line on stdout (the report goes '
+             'to stderr)')
+    visualize.add_device_arguments(parser)
+    return parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            'must be an integer, got {!r}'.format(text))
+    if value <= 0:
+        raise argparse.ArgumentTypeError('must be > 0, got {}'.format(value))
+    return value
+
+
+def json_text(result):
+    """JSON of a dict, one top-level key per line (values compact)."""
+    return '{\n' + ',\n'.join(
+        ' {}: {}'.format(json.dumps(key), json.dumps(result[key]))
+        for key in sorted(result)) + '\n}\n'
+
+
+def _fmt(value, digits=3):
+    return 'n/a' if value is None else '{:.{}f}'.format(value, digits)
+
+
+def report_lines(result):
+    """The human-readable report of an evaluation dict, as lines."""
+    score = 'length' if result['score'] == 'length' else 'probability'
+    lines = ['model {} ({}), {} test set'.format(
+        result['model'], result['arch'], result['dataset']),
+        'test error {:.2f}% ({} of {})'.format(
+            result['test_error_percent'], result['errors'], result['n']),
+        '', 'class      n  errors   error']
+    for c, (n, e, rate) in enumerate(zip(result['per_class_n'],
+                                         result['per_class_errors'],
+                                         result['per_class_error'])):
+        lines.append('{:>5} {:>6} {:>7} {:>7}'.format(
+            c, n, e, 'n/a' if rate is None else '{:.2f}%'.format(100 * rate)))
+    lines += ['', 'mean {} of the true class {}, of the runner-up {} (all '
+              '{} examples)'.format(score, _fmt(result['mean_length_true']),
+                                    _fmt(result['mean_length_runner_up']),
+                                    result['n']),
+              'mean {} of the true class {}, of the runner-up {} ({} '
+              'misclassified)'.format(
+                  score, _fmt(result['mean_length_true_misclassified']),
+                  _fmt(result['mean_length_runner_up_misclassified']),
+                  result['errors'])]
+    return lines
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    model = visualize.load_model(args.load, need_capsnet=False,
+                                 purpose='evaluate.py')
+    device = visualize.select_device(args)
+    visualize.check_writable(args.out)
+    try:
+        _, _, test = datasets.get_mnist_like(
+            args.dataset, data_dir=args.data_dir, test_size=args.test_size,
+            input_size=model.input_size)
+    except datasets.DatasetError as e:
+        fail(e)
+    x, t = test._datasets
+    model.to_device(device)
+
+    predictions, scores = run_model(model, x, device, args.batchsize)
+    result = {
+        'model': args.load,
+        'arch': model.arch,
+        'options': model.options,
+        'dataset': args.dataset,
+        'score': 'length' if model.arch == 'capsnet' else 'probability',
+    }
+    result.update(evaluate(predictions, scores, t, n_classes=scores.shape[1]))
+
+    wrong = numpy.asarray(result['misclassified'][:MAX_SHOWN], numpy.int64)
+    result['misclassified_shown'] = [
+        {'index': int(i), 'prediction': int(predictions[i]),
+         'label': int(t[i])} for i in wrong]
+    paths = {name: os.path.join(args.out, name) for name in
+             ('confusion.png', 'misclassified.png', 'evaluation.json')}
+    title = '{} on {} test ({} examples): {:.2f}% error'.format(
+        os.path.basename(args.load), args.dataset, result['n'],
+        result['test_error_percent'])
+    text = json.dumps(result, sort_keys=True)
+    try:
+        visualize.save_figure(paths['confusion.png'], confusion_figure(
+            result['confusion'], title))
+        visualize.save_figure(paths['misclassified.png'],
+                              misclassified_figure(
+                                  x[wrong, 0], predictions[wrong], t[wrong],
+                                  'misclassified (first {} of {}): p '
+                                  'predicted, t true'.format(
+                                      len(wrong), result['errors'])))
+        visualize.write_atomically(
+            paths['evaluation.json'],
+            lambda f: f.write(json_text(result).encode()))
+    except OSError as e:
+        fail('cannot write into {} ({}); choose another --out'.format(
+            args.out, e.strerror or e))
+
+    report = sys.stderr if args.json else sys.stdout
+    for line in report_lines(result):
+        print(line, file=report)
+    for path in paths.values():
+        print('wrote {}'.format(path), file=report)
+    if args.json:
+        print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""evaluate.py: error statistics, figures, JSON and error handling.
+
+Fixtures (mnist_dir, fresh_model_path, run_tool) are in conftest.py.
+"""
+import contextlib
+import io
+import json
+import os
+import re
+
+import numpy
+import pytest
+
+import evaluate
+
+KEYS = {'test_error', 'errors', 'n', 'per_class_error', 'confusion',
+        'mean_length_true', 'mean_length_runner_up', 'model', 'options',
+        'dataset'}
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith('error: ') and 'Traceback' not in err
+    return lines[0]
+
+
+# -- the statistics ----------------------------------------------------------
+
+def test_evaluate_counts_by_hand():
+    t = numpy.array([0, 0, 1, 1, 2])
+    predictions = numpy.array([0, 1, 1, 1, 0])
+    scores = numpy.array([[0.9, 0.2, 0.1],
+                          [0.3, 0.6, 0.1],
+                          [0.1, 0.8, 0.0],
+                          [0.2, 0.7, 0.5],
+                          [0.4, 0.1, 0.3]])
+    r = evaluate.evaluate(predictions, scores, t, n_classes=3)
+    assert r['n'] == 5 and r['errors'] == 2
+    assert r['test_error'] == pytest.approx(0.4)
+    assert r['confusion'] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert r['per_class_error'] == [0.5, 0.0, 1.0]
+    assert r['misclassified'] == [1, 4]
+    # true: 0.9 0.3 0.8 0.7 0.3; runner-up: 0.2 0.6 0.1 0.5 0.4
+    assert r['mean_length_true'] == pytest.approx(3.0 / 5)
+    assert r['mean_length_runner_up'] == pytest.approx(1.8 / 5)
+    assert r['mean_length_true_misclassified'] == pytest.approx(0.3)
+    assert r['mean_length_runner_up_misclassified'] == pytest.approx(0.5)
+
+
+def test_no_errors_gives_none_for_the_misclassified_means():
+    r = evaluate.evaluate(numpy.array([1, 0]),
+                          numpy.array([[0.1, 0.9], [0.8, 0.2]]),
+                          numpy.array([1, 0]), n_classes=2)
+    assert r['errors'] == 0 and r['test_error'] == 0
+    assert r['mean_length_true_misclassified'] is None
+    assert r['per_class_error'] == [0.0, 0.0]
+
+
+# -- the tool ----------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def evaluation(tmp_path_factory, mnist_dir, fresh_model_path):
+    """evaluate.py --json on the first 200 MNIST test examples, twice."""
+    runs = []
+    for k in range(2):
+        out = tmp_path_factory.mktemp('eval{}'.format(k))
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            status = evaluate.main([
+                '--load', fresh_model_path, '--data-dir', mnist_dir,
+                '--test-size', '200', '--batchsize', '64',
+                '--out', str(out), '--json'])
+        runs.append({'status': status, 'out': out,
+                     'stdout': stdout.getvalue(),
+                     'stderr': stderr.getvalue()})
+    return runs
+
+
+def test_json_has_the_keys_and_is_consistent(evaluation, fresh_model_path):
+    run = evaluation[0]
+    assert run['status'] == 0, run['stderr']
+    lines = run['stdout'].splitlines()
+    assert len(lines) == 1  # --json: one line on stdout
+    result = json.loads(lines[0])
+    assert KEYS <= set(result)
+    with open(os.path.join(run['out'], 'evaluation.json')) as f:
+        assert json.load(f) == result
+    assert result['n'] == 200 and result['dataset'] == 'mnist'
+    assert result['model'] == fresh_model_path
+    assert result['options']['routing'] == 3
+    confusion = numpy.array(result['confusion'])
+    assert confusion.shape == (10, 10) and confusion.sum() == 200
+    off_diagonal = confusion.sum() - numpy.trace(confusion)
+    assert result['errors'] == off_diagonal
+    assert result['test_error'] == pytest.approx(result['errors'] / 200)
+    assert result['test_error_percent'] == pytest.approx(
+        100 * result['errors'] / 200)
+    per_class = numpy.array(result['per_class_error'])
+    rows = confusion.sum(axis=1)
+    numpy.testing.assert_allclose(
+        per_class, (rows - numpy.diag(confusion)) / rows)
+    assert len(result['misclassified']) == result['errors']
+    assert len(result['misclassified_shown']) == min(100, result['errors'])
+    for key in ('mean_length_true', 'mean_length_runner_up'):
+        assert 0 <= result[key] < 1
+    # the report went to stderr
+    assert 'test error {:.2f}% ({} of 200)'.format(
+        result['test_error_percent'], result['errors']) in run['stderr']
+
+
+def test_figures_exist(evaluation):
+    for name in ('confusion.png', 'misclassified.png', 'evaluation.json'):
+        path = os.path.join(evaluation[0]['out'], name)
+        assert os.path.getsize(path) > 0
+    assert sorted(os.listdir(evaluation[0]['out'])) == [
+        'confusion.png', 'evaluation.json', 'misclassified.png']
+
+
+def test_two_evaluations_are_identical(evaluation):
+    first, second = (json.loads(run['stdout']) for run in evaluation)
+    for result in (first, second):
+        result.pop('model')
+    assert first == second
+
+
+def test_text_report(tmp_path, mnist_dir, fresh_model_path, run_tool):
+    status, out, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '--data-dir', mnist_dir,
+        '--test-size', '20', '--out', tmp_path / 'e'])
+    assert status == 0 and err == ''
+    assert ' of 20)' in out
+    table = [line for line in out.splitlines()
+             if re.match(r'^\s+\d\s+\d+\s+\d+\s+(\d+\.\d\d%|n/a)$', line)]
+    assert len(table) == 10  # one row per class (n/a: none in the 20)
+    assert 'runner-up' in out
+
+
+# -- errors ------------------------------------------------------------------
+
+@pytest.mark.parametrize('content', [None, 'half', b'not a model'])
+def test_bad_model_file_is_one_line(tmp_path, mnist_dir, fresh_model_path,
+                                    run_tool, content):
+    path = tmp_path / 'model.npz'
+    if content == 'half':
+        data = open(fresh_model_path, 'rb').read()
+        path.write_bytes(data[:len(data) // 2])
+    elif content is not None:
+        path.write_bytes(content)
+    status, out, err = run_tool(evaluate.main, [
+        '--load', path, '--data-dir', mnist_dir, '--out', tmp_path / 'e'])
+    assert status != 0 and out == ''
+    assert str(path) in one_error_line(err)
+
+
+def test_unknown_dataset_is_a_usage_error(tmp_path, fresh_model_path,
+                                          run_tool):
+    status, _, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '--dataset', 'cifar10'])
+    assert status == 2
+    assert 'cifar10' in one_error_line(err)
+
+
+def test_missing_data_is_one_line(tmp_path, fresh_model_path, run_tool):
+    status, _, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '--data-dir', tmp_path / 'nowhere',
+        '--out', tmp_path / 'e'])
+    assert status != 0
+    assert 'not found' in one_error_line(err)
+
+
+def test_too_large_test_size_is_one_line(tmp_path, mnist_dir,
+                                         fresh_model_path, run_tool):
+    status, _, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '--data-dir', mnist_dir,
+        '--test-size', '20000', '--out', tmp_path / 'e'])
+    assert status != 0
+    assert 'test_size' in one_error_line(err)
+
+
+def test_unwritable_out_is_one_line(tmp_path, mnist_dir, fresh_model_path,
+                                    run_tool):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    status, _, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '--data-dir', mnist_dir,
+        '--out', blocker / 'e'])
+    assert status != 0
+    assert '--out' in one_error_line(err)
+
+
+def test_gpu_without_cupy_is_one_line(tmp_path, fresh_model_path, run_tool):
+    from chainer.backends import cuda
+    if cuda.available:
+        pytest.skip('CuPy is available here')
+    status, _, err = run_tool(evaluate.main, [
+        '--load', fresh_model_path, '-g', '0', '--out', tmp_path / 'e'])
+    assert status != 0
+    assert 'CuPy' in one_error_line(err)
