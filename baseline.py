@@ -4,8 +4,8 @@ The paper: "The baseline is a standard CNN with three convolutional layers
 of 256, 256, 128 channels. Each has 5x5 kernels and stride of 1. The last
 convolutional layers are followed by two fully connected layers of size
 328, 192. The last fully connected layer is connected with dropout to a 10
-class softmax layer with cross entropy loss. [...] The baseline [...] has
-35.4M parameters."
+class softmax layer with cross entropy loss." and "In terms of number of
+parameters the baseline has 35.4M compared to 8.2M of CapsNet".
 
 This module imports only Chainer (not ``nets``), because ``nets`` imports
 it to register the network as ``nets.ARCHITECTURES['baseline']``.
@@ -124,5 +124,6 @@ class BaselineCNN(chainer.Chain):
         """
         y = self.logits(x)
         loss = F.softmax_cross_entropy(y, t)
-        reporter.report({'loss': loss, 'accuracy': F.accuracy(y, t)}, self)
+        accuracy = (y.array.argmax(axis=1) == t).mean()
+        reporter.report({'loss': loss, 'accuracy': accuracy}, self)
         return loss

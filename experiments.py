@@ -1,0 +1,567 @@
+#!/usr/bin/env python
+"""Sweeps that reproduce the paper's tables.
+
+    python experiments.py table1 --epochs 50 --trials 3 --out t1 -g 0
+    python experiments.py table1 --epochs 1 --trials 1 --out t1 \\
+        --train-size 1000 --test-size 500 --rows r1,r3     # a quick look
+    python experiments.py table1 --epochs 50 --trials 3 --out t1 --dry-run
+
+``table1`` trains the five rows of Table 1 (MNIST test error): the baseline
+CNN and CapsNet with 1 or 3 routing iterations, each without and with the
+reconstruction loss. Every (row, trial) is its own ``train.py`` process with
+its own folder ``OUT/<row>-trial<k>`` (seed S + k, log in ``train.log``,
+model in ``model.npz``). Trials go round the rows (trial 0 of every row,
+then trial 1, ...), so an early look at the table has every row in it.
+
+A run is finished when its ``final.json`` says it trained ``--epochs``
+epochs and its last epoch was that one; finished runs are never redone, and
+an unfinished one is started again with ``--autoload``, which continues
+from its newest snapshot. So an interrupted sweep is resumed by running the
+same command again, and a sweep can be lengthened by raising ``--epochs``.
+Runs keep only their newest snapshot (``--snapshot-keep 1``): with its
+Adam state a baseline snapshot is about 3 x 35.4M floats. Each run folder
+keeps ``run.json`` (the settings, the command and the
+wall-clock seconds over all its invocations); a folder made with other
+settings is never reused: the sweep stops before it starts anything.
+
+After every run, ``OUT/results.json`` (all finished runs and a summary per
+row) and ``OUT/table.md`` are rewritten (atomically) from every finished run
+under OUT with the current settings, whichever invocation ran it.
+"""
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_SCRIPT = os.path.join(HERE, 'train.py')
+
+# Both datasets have 60,000 training and 10,000 test examples.
+FULL_SIZES = {'mnist': (60000, 10000), 'fashion-mnist': (60000, 10000)}
+DATASET_TITLES = {'mnist': 'MNIST', 'fashion-mnist': 'Fashion-MNIST'}
+
+# Table 1 of the paper: MNIST test error %, mean and std over 3 trials
+# (the baseline's std is not given).
+_ROWS = (
+    ('baseline', 'Baseline CNN', None, False, 0.39, None,
+     ['--arch', 'baseline']),
+    ('r1', 'CapsNet', 1, False, 0.34, 0.032,
+     ['--arch', 'capsnet', '--routing', '1']),
+    ('r1-recon', 'CapsNet', 1, True, 0.29, 0.011,
+     ['--arch', 'capsnet', '--routing', '1', '--reconstruct']),
+    ('r3', 'CapsNet', 3, False, 0.35, 0.036,
+     ['--arch', 'capsnet', '--routing', '3']),
+    ('r3-recon', 'CapsNet', 3, True, 0.25, 0.005,
+     ['--arch', 'capsnet', '--routing', '3', '--reconstruct']),
+)
+
+STD_KIND = 'sample standard deviation (ddof=1) over trials; 0 for one trial'
+
+
+def row_specs():
+    """The five rows of Table 1, in the paper's order, as dicts.
+
+    Keys: name, method, routing (None for the baseline), reconstruct,
+    paper_error_pct, paper_std_pct (None where the paper gives none) and
+    train_args (the train.py flags that make the row).
+    """
+    return [dict(name=name, method=method, routing=routing,
+                 reconstruct=reconstruct, paper_error_pct=paper,
+                 paper_std_pct=paper_std, train_args=list(train_args))
+            for (name, method, routing, reconstruct, paper, paper_std,
+                 train_args) in _ROWS]
+
+
+def _row(row):
+    """A row spec from a spec or a row name."""
+    if isinstance(row, dict):
+        return row
+    for spec in row_specs():
+        if spec['name'] == row:
+            return spec
+    raise KeyError('unknown row {!r}; rows are {}'.format(
+        row, ', '.join(spec['name'] for spec in row_specs())))
+
+
+def run_dir(out, row, trial):
+    return os.path.join(out, '{}-trial{}'.format(_row(row)['name'], trial))
+
+
+def run_seed(args, trial):
+    return args.seed + trial
+
+
+def run_command(row, trial, args):
+    """The argv (a list) of the train.py process for (row, trial)."""
+    row = _row(row)
+    folder = run_dir(args.out, row, trial)
+    command = [sys.executable, TRAIN_SCRIPT] + row['train_args'] + [
+        '--dataset', args.dataset, '--epoch', str(args.epochs),
+        '--seed', str(run_seed(args, trial)),
+        '--batchsize', str(args.batchsize),
+        '--out', folder, '--save', os.path.join(folder, 'model.npz'),
+        '--no-progress', '--autoload', '--snapshot-keep', '1']
+    if args.gpu is not None and args.gpu >= 0:
+        command += ['-g', str(args.gpu)]
+    if args.data_dir:
+        command += ['--data-dir', args.data_dir]
+    if args.train_size:
+        command += ['--train-size', str(args.train_size)]
+    if args.test_size:
+        command += ['--test-size', str(args.test_size)]
+    return command
+
+
+def run_config(row, trial, args):
+    """What makes a run's result: everything but the epochs, device, paths.
+
+    A run folder made with another config is not reused.
+    """
+    row = _row(row)
+    return dict(row=row['name'], train_args=row['train_args'], trial=trial,
+                seed=run_seed(args, trial), dataset=args.dataset,
+                train_size=args.train_size, test_size=args.test_size,
+                batchsize=args.batchsize)
+
+
+# --------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------
+
+def _read_json(path):
+    """The parsed file, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_final(folder):
+    final = _read_json(os.path.join(folder, 'final.json'))
+    return final if isinstance(final, dict) else None
+
+
+def is_finished(folder, epochs):
+    """True iff folder/final.json records a run of ``epochs`` epochs that
+    reached its last epoch."""
+    final = read_final(folder)
+    return (final is not None and final.get('epochs') == epochs
+            and final.get('final_epoch') == epochs
+            and final.get('final_test_error') is not None)
+
+
+def newest_snapshot_epoch(folder):
+    epochs = [int(m.group(1)) for m in
+              (re.search(r'snapshot_epoch_(\d+)$', p) for p in
+               glob.glob(os.path.join(folder, 'snapshot_epoch_*'))) if m]
+    return max(epochs) if epochs else None
+
+
+def read_run_info(folder):
+    info = _read_json(os.path.join(folder, 'run.json'))
+    return info if isinstance(info, dict) else None
+
+
+def conflict(row, trial, args):
+    """Why the run folder of (row, trial) cannot be used, or None."""
+    folder = run_dir(args.out, row, trial)
+    info = read_run_info(folder)
+    want = run_config(row, trial, args)
+    if info is not None and info.get('config') != want:
+        have = info.get('config') or {}
+        differ = ', '.join(
+            '{} {!r} there, {!r} now'.format(k, have.get(k), want[k])
+            for k in sorted(want) if have.get(k) != want[k])
+        return ('{} was made with other settings ({}); use another --out or '
+                'remove that folder'.format(folder, differ or 'unreadable'))
+    if is_finished(folder, args.epochs):
+        return None
+    last = newest_snapshot_epoch(folder)
+    if last is not None and last > args.epochs:
+        return ('{} already trained {} epochs, more than --epochs {}; use '
+                'another --out or remove that folder'
+                .format(folder, last, args.epochs))
+    return None
+
+
+def write_atomically(path, text):
+    """Write text to path through a temporary file and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
+                               suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private (0600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def launch(command, log_path):
+    """Run command, its stdout and stderr teed to the console and log_path
+    (appended to). Returns (exit status, wall-clock seconds)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    start = time.time()
+    with open(log_path, 'a') as log:
+        log.write('# {} {}\n'.format(_now(), shlex.join(command)))
+        log.flush()
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, text=True, errors='replace', bufsize=1)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
+        status = process.wait()
+        log.write('# exit status {} after {:.1f} s\n'
+                  .format(status, time.time() - start))
+    return status, time.time() - start
+
+
+def do_run(row, trial, args):
+    """Train (row, trial) (or continue it); True if it is then finished."""
+    folder = run_dir(args.out, row, trial)
+    os.makedirs(folder, exist_ok=True)
+    command = run_command(row, trial, args)
+    info = read_run_info(folder) or {}
+    info.update(config=run_config(row, trial, args),
+                command=shlex.join(command), epochs=args.epochs)
+    info.setdefault('wall_seconds', 0.0)
+    info.setdefault('invocations', 0)
+    write_atomically(os.path.join(folder, 'run.json'),
+                     json.dumps(info, indent=2) + '\n')
+    print('=== {} trial {} (seed {}): {}'.format(
+        _row(row)['name'], trial, run_seed(args, trial),
+        shlex.join(command)), flush=True)
+    status, seconds = launch(command, os.path.join(folder, 'train.log'))
+    info['wall_seconds'] += seconds
+    info['invocations'] += 1
+    info['last_exit_status'] = status
+    write_atomically(os.path.join(folder, 'run.json'),
+                     json.dumps(info, indent=2) + '\n')
+    return status == 0 and is_finished(folder, args.epochs)
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+def sizes(args_or_record):
+    """(train, test) example counts: the --train/test-size or the full set."""
+    get = (args_or_record.get if isinstance(args_or_record, dict)
+           else lambda k: getattr(args_or_record, k))
+    full_train, full_test = FULL_SIZES[get('dataset')]
+    return (get('train_size') or full_train, get('test_size') or full_test)
+
+
+def collect_runs(args):
+    """Records of every finished run under args.out with these settings
+    (all five rows, trials 0 .. --trials - 1)."""
+    runs = []
+    for row in row_specs():
+        for trial in range(args.trials):
+            folder = run_dir(args.out, row, trial)
+            if not is_finished(folder, args.epochs):
+                continue
+            info = read_run_info(folder)
+            if info is not None and info.get('config') != run_config(
+                    row, trial, args):
+                continue
+            final = read_final(folder)
+            train_size, test_size = sizes(args)
+            train_size = final.get('train_size') or train_size
+            test_size = final.get('test_size') or test_size
+            runs.append(dict(
+                row=row['name'], method=row['method'],
+                routing=row['routing'], reconstruct=row['reconstruct'],
+                trial=trial, seed=run_seed(args, trial),
+                final_test_error=final['final_test_error'],
+                final_test_error_pct=100 * final['final_test_error'],
+                best_on_test_error=final.get('best_on_test_error'),
+                epochs=final['epochs'], final_epoch=final['final_epoch'],
+                parameters=final.get('parameters'),
+                dataset=final.get('dataset', args.dataset),
+                train_size=train_size, test_size=test_size,
+                wall_seconds=(info or {}).get('wall_seconds'),
+                command=(info or {}).get('command') or shlex.join(
+                    run_command(row, trial, args)),
+                run_dir=folder))
+    return runs
+
+
+def _mean_std(values):
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def summarize(runs, rows=None, dataset=None):
+    """One summary per row, in the paper's order.
+
+    Args:
+        runs: records as collect_runs makes them (needs row, trial,
+            final_test_error, epochs; parameters, dataset, train_size,
+            test_size, wall_seconds are used when present).
+        rows: row names to list even without runs; default: those in runs.
+        dataset: the runs' dataset; default: the one the runs name (MNIST
+            if they name none). The paper's figures are given for MNIST only.
+    Returns:
+        list of dicts: row, method, routing, reconstruct, n, trials,
+        mean_error_pct, std_error_pct (STD_KIND), errors_pct, epochs,
+        parameters, dataset, train_size, test_size, wall_seconds,
+        paper_error_pct, paper_std_pct (None unless the dataset is MNIST).
+    """
+    names = {run['row'] for run in runs} | set(rows or ())
+    if dataset is None:
+        named = {run.get('dataset') or 'mnist' for run in runs} or {'mnist'}
+        dataset = named.pop() if len(named) == 1 else None
+    on_mnist = dataset == 'mnist'
+    summary = []
+    for spec in row_specs():
+        if spec['name'] not in names:
+            continue
+        mine = sorted((r for r in runs if r['row'] == spec['name']),
+                      key=lambda r: r['trial'])
+        errors = [100 * r['final_test_error'] for r in mine]
+        mean, std = _mean_std(errors)
+
+        def distinct(key):
+            return sorted({r.get(key) for r in mine
+                           if r.get(key) is not None})
+
+        summary.append(dict(
+            row=spec['name'], method=spec['method'],
+            routing=spec['routing'], reconstruct=spec['reconstruct'],
+            n=len(mine), trials=[r['trial'] for r in mine],
+            mean_error_pct=mean, std_error_pct=std, std_kind=STD_KIND,
+            errors_pct=errors, epochs=distinct('epochs'),
+            parameters=distinct('parameters'), dataset=dataset,
+            train_size=distinct('train_size'),
+            test_size=distinct('test_size'),
+            wall_seconds=sum(r.get('wall_seconds') or 0 for r in mine),
+            paper_error_pct=spec['paper_error_pct'] if on_mnist else None,
+            paper_std_pct=spec['paper_std_pct'] if on_mnist else None))
+    return summary
+
+
+def _join(values):
+    return ', '.join(str(v) for v in values) if values else '—'
+
+
+def render_table(summary, meta):
+    """Markdown for the summaries, with a header that says what was run.
+
+    meta: dataset, epochs, trials, train_size, test_size (None: full),
+    command, date, machine, device; all optional but dataset.
+    """
+    dataset = meta.get('dataset', 'mnist')
+    title = DATASET_TITLES.get(dataset, dataset)
+    full_train, full_test = FULL_SIZES.get(dataset, (None, None))
+    lines = ['# Table 1 on {}: test error %'.format(title) if dataset !=
+             'mnist' else '# Table 1 (MNIST test error %)', '']
+    lines.append('Written {} by `{}` on {} ({}).'.format(
+        meta.get('date', '?'), meta.get('command', '?'),
+        meta.get('machine', '?'), meta.get('device', '?')))
+    lines.append('')
+    lines.append(
+        '- Our error is the test error after the final epoch of each run, '
+        'not the lowest over epochs (that one is chosen on the test set); '
+        'mean ± {}; n = finished runs.'.format(STD_KIND))
+    budget = '{} epoch(s), {} training / {} test examples'.format(
+        meta.get('epochs', '?'), meta.get('train_size') or full_train,
+        meta.get('test_size') or full_test)
+    lines.append(
+        '- Budget: {}, {} trial(s) per row, train.py defaults otherwise '
+        '(Adam, per-epoch decay, shifts of up to 2 px).'.format(
+            budget, meta.get('trials', '?')))
+    if dataset == 'mnist':
+        lines.append(
+            "- Paper: Sabour et al. 2017, Table 1 (mean ± std of 3 trials, "
+            "all 60,000 training images shifted by up to 2 px, all 10,000 "
+            "test images; epochs not stated). Results of smaller budgets "
+            "than the paper's (fewer examples or epochs) are not comparable "
+            "to its figures.")
+        if (meta.get('train_size') or meta.get('test_size')):
+            lines.append('- **Not comparable to the paper: this sweep used '
+                         'a subset of the data.**')
+    else:
+        lines.append('- The paper reports no {} figures (—); the rows are '
+                     "Table 1's settings on this dataset.".format(title))
+    lines.append('')
+    lines.append('| Method | Routing | Reconstruction | Our test error % '
+                 '(mean ± std, n) | Paper % | Epochs | Train / test |')
+    lines.append('| --- | ---: | --- | ---: | ---: | ---: | ---: |')
+    for row in summary:
+        if row['n']:
+            ours = '{:.2f} ± {:.3f} (n={})'.format(
+                row['mean_error_pct'], row['std_error_pct'], row['n'])
+        else:
+            ours = 'not run (n=0)'
+        if row['paper_error_pct'] is None:
+            paper = '—'
+        elif row['paper_std_pct'] is None:
+            paper = '{:.2f}'.format(row['paper_error_pct'])
+        else:
+            paper = '{:.2f} ± {:.3f}'.format(row['paper_error_pct'],
+                                             row['paper_std_pct'])
+        lines.append('| {} | {} | {} | {} | {} | {} | {} / {} |'.format(
+            row['method'], '—' if row['routing'] is None else row['routing'],
+            'yes' if row['reconstruct'] else 'no', ours, paper,
+            _join(row['epochs']), _join(row['train_size']),
+            _join(row['test_size'])))
+    return '\n'.join(lines) + '\n'
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+
+
+def machine_description():
+    return '{}, {} CPUs, Python {}'.format(
+        platform.platform(), os.cpu_count(), platform.python_version())
+
+
+def write_results(args):
+    """Rewrite OUT/results.json and OUT/table.md from the finished runs."""
+    runs = collect_runs(args)
+    summary = summarize(runs, rows=[r['name'] for r in row_specs()
+                                    if r['name'] in args.rows],
+                        dataset=args.dataset)
+    meta = dict(
+        table='table1', dataset=args.dataset, epochs=args.epochs,
+        trials=args.trials, train_size=args.train_size,
+        test_size=args.test_size, batchsize=args.batchsize,
+        seed=args.seed, rows=args.rows, command=args.command,
+        date=_now(), machine=machine_description(),
+        device='GPU {}'.format(args.gpu) if args.gpu is not None
+        and args.gpu >= 0 else 'CPU',
+        error='final-epoch test error (not best-on-test)', std=STD_KIND)
+    write_atomically(os.path.join(args.out, 'results.json'), json.dumps(
+        dict(meta=meta, runs=runs, summary=summary), indent=2) + '\n')
+    write_atomically(os.path.join(args.out, 'table.md'),
+                     render_table(summary, meta))
+    return runs, summary
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def _positive(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError('must be > 0, got {}'.format(value))
+    return value
+
+
+def _rows(text):
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    known = [spec['name'] for spec in row_specs()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            'unknown row(s) {}; choose from {}'.format(
+                ', '.join(unknown) or '(none given)', ','.join(known)))
+    return [name for name in known if name in names]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description='Reproduce the tables of Sabour et al. 2017')
+    commands = parser.add_subparsers(dest='table', required=True)
+    t1 = commands.add_parser(
+        'table1', help='Table 1: baseline and CapsNet, routing 1/3, '
+                       'with and without reconstruction')
+    add = t1.add_argument
+    add('--epochs', '-e', type=_positive, required=True,
+        help='epochs per run')
+    add('--trials', type=_positive, default=3,
+        help='runs per row (seeds S, S+1, ...)')
+    add('--out', '-o', required=True,
+        help='folder for the runs, results.json and table.md')
+    add('--gpu', '-g', type=int, default=None,
+        help='GPU id for train.py (default: CPU)')
+    add('--data-dir', default=None, help='passed to train.py --data-dir')
+    add('--dataset', default='mnist', choices=sorted(FULL_SIZES))
+    add('--train-size', type=_positive, default=None,
+        help='use the first N training examples (default: all)')
+    add('--test-size', type=_positive, default=None,
+        help='use the first N test examples (default: all)')
+    add('--seed', type=int, default=0, help='trial k uses seed S + k')
+    add('--batchsize', '-b', type=_positive, default=100)
+    add('--rows', type=_rows, default=[spec['name'] for spec in row_specs()],
+        help='comma-separated subset of baseline,r1,r1-recon,r3,r3-recon')
+    add('--dry-run', action='store_true',
+        help='print the commands (finished ones commented out) and exit')
+    return parser
+
+
+def table1(args):
+    jobs = [(row, trial) for trial in range(args.trials)
+            for row in row_specs() if row['name'] in args.rows]
+    if args.dry_run:
+        for row, trial in jobs:
+            problem = conflict(row, trial, args)
+            done = is_finished(run_dir(args.out, row, trial), args.epochs)
+            print('{}{}'.format(
+                '# cannot run ({}): '.format(problem) if problem else
+                '# finished: ' if done else '',
+                shlex.join(run_command(row, trial, args))))
+        return 0
+    problems = [p for p in (conflict(row, trial, args) for row, trial in jobs)
+                if p]
+    if problems:
+        sys.stderr.write(''.join('error: {}\n'.format(p) for p in problems))
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    failed = []
+    for row, trial in jobs:
+        if is_finished(run_dir(args.out, row, trial), args.epochs):
+            continue
+        if not do_run(row, trial, args):
+            failed.append(run_dir(args.out, row, trial))
+        write_results(args)
+    runs, _ = write_results(args)
+    print('{} finished runs; {} and {}'.format(
+        len(runs), os.path.join(args.out, 'results.json'),
+        os.path.join(args.out, 'table.md')))
+    if failed:
+        sys.stderr.write('error: {} run(s) did not finish; see train.log in '
+                         '{}\n'.format(len(failed), ', '.join(failed)))
+        return 1
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command = shlex.join(['python', 'experiments.py'] + argv)
+    if args.table == 'table1':
+        return table1(args)
+    raise AssertionError(args.table)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The paper's baseline CNN (baseline.py), as registered in nets."""
+import json
+import os
+import sys
+
+import numpy
+import pytest
+
+import chainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import baseline  # noqa: E402
+import nets  # noqa: E402
+
+PAPER_COUNT = 35445522  # the docstring's sum, checked term by term below
+
+
+def mnist_dir():
+    data = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
+        ROOT, '..', 'shared', 'data')
+    return os.path.join(data, 'mnist')
+
+
+@pytest.fixture(scope='module')
+def model():
+    numpy.random.seed(0)
+    return baseline.BaselineCNN()
+
+
+def images(n, side=28, seed=0):
+    rng = numpy.random.RandomState(seed)
+    x = rng.uniform(0, 1, (n, 1, side, side)).astype(numpy.float32)
+    t = rng.randint(0, 10, n).astype(numpy.int32)
+    return x, t
+
+
+def test_parameter_count_is_the_papers(model):
+    expected = (1 * 256 * 25 + 256 + 256 * 256 * 25 + 256
+                + 256 * 128 * 25 + 128 + 100352 * 328 + 328
+                + 328 * 192 + 192 + 192 * 10 + 10)
+    assert expected == PAPER_COUNT
+    assert nets.count_parameters(model) == PAPER_COUNT
+    assert baseline.parameter_count() == PAPER_COUNT
+    assert round(PAPER_COUNT / 1e6, 1) == 35.4
+    assert '35,445,522' in baseline.BaselineCNN.__doc__
+    assert model.fc1.W.shape == (328, 28 * 28 * 128)
+
+
+def test_layers(model):
+    for conv, (c_in, c_out) in zip(
+            (model.conv1, model.conv2, model.conv3),
+            ((1, 256), (256, 256), (256, 128))):
+        assert conv.W.shape == (c_out, c_in, 5, 5)
+        assert conv.stride == (1, 1) and conv.pad == (2, 2)
+    assert model.fc2.W.shape == (192, 328)
+    assert model.fc3.W.shape == (10, 192)
+
+
+def test_parameter_count_other_sizes():
+    for side in (8, 13):
+        m = baseline.BaselineCNN(input_size=side)
+        assert nets.count_parameters(m) == baseline.parameter_count(side)
+
+
+def test_registered_in_nets():
+    assert nets.BaselineCNN is baseline.BaselineCNN
+    assert nets.ARCHITECTURES['baseline'] is baseline.BaselineCNN
+    assert baseline.BaselineCNN.arch == 'baseline'
+    assert json.loads(json.dumps(baseline.BaselineCNN(input_size=8).options)
+                      ) == dict(input_size=8, n_classes=10, dropout=0.5)
+
+
+def test_forward_loss_and_report(model):
+    x, t = images(3)
+    observation = {}
+    reporter = chainer.Reporter()
+    reporter.add_observer('main', model)
+    with reporter.scope(observation):
+        loss = model(x, t)
+    assert loss.shape == ()
+    assert numpy.isfinite(float(loss.array))
+    assert set(observation) == {'main/loss', 'main/accuracy'}
+    assert 0 <= float(observation['main/accuracy']) <= 1
+    model.cleargrads()
+    loss.backward()
+    assert model.conv1.W.grad is not None
+    assert numpy.abs(model.fc3.W.grad).sum() > 0
+
+
+def test_predict(model):
+    x, _ = images(4, seed=1)
+    predictions, probabilities = model.predict(x)
+    assert predictions.shape == (4,)
+    assert probabilities.shape == (4, 10)
+    numpy.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    numpy.testing.assert_array_equal(predictions,
+                                     probabilities.argmax(axis=1))
+    # inference mode: no dropout, so the same answer twice
+    numpy.testing.assert_array_equal(model.predict(x)[1], probabilities)
+    # flat (B, S*S) images are accepted too
+    numpy.testing.assert_allclose(model.predict(x.reshape(4, -1))[1],
+                                  probabilities, rtol=1e-6)
+
+
+def test_dropout_only_in_training():
+    numpy.random.seed(1)
+    m = baseline.BaselineCNN(input_size=8, dropout=0.5)
+    x, _ = images(5, side=8)
+    with chainer.using_config('train', True):
+        a, b = m.logits(x).array, m.logits(x).array
+    assert not numpy.array_equal(a, b)
+    with chainer.using_config('train', False):
+        a, b = m.logits(x).array, m.logits(x).array
+    numpy.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        baseline.BaselineCNN(dropout=1.0)
+
+
+def test_save_load_round_trip(tmp_path):
+    # a small input keeps the file small; the code path is the same
+    numpy.random.seed(2)
+    m = nets.BaselineCNN(input_size=12, dropout=0.25)
+    path = str(tmp_path / 'baseline.npz')
+    nets.save_model(path, m)
+    assert nets.read_model_meta(path) == (
+        'baseline', dict(input_size=12, n_classes=10, dropout=0.25))
+    loaded = nets.load_model(path)
+    assert isinstance(loaded, baseline.BaselineCNN)
+    assert loaded.options == m.options
+    x, _ = images(3, side=12, seed=3)
+    for a, b in zip(m.predict(x), loaded.predict(x)):
+        numpy.testing.assert_array_equal(a, b)
+
+
+def test_train_flags_build_the_baseline():
+    train = pytest.importorskip('train')
+    args = train.build_parser().parse_args(['--arch', 'baseline'])
+    assert args.arch == 'baseline'
+    assert train.model_options(args) == dict(input_size=28)
+    args = train.build_parser().parse_args(
+        ['--arch', 'baseline', '--input-size', '12'])
+    m = train.build_model(args)
+    assert isinstance(m, baseline.BaselineCNN)
+    assert m.options['input_size'] == 12
+
+
+def test_train_end_to_end(tmp_path, monkeypatch):
+    if not os.path.exists(os.path.join(mnist_dir(),
+                                       't10k-images-idx3-ubyte.gz')):
+        pytest.skip('no MNIST files in {}'.format(mnist_dir()))
+    train = pytest.importorskip('train')
+    out = str(tmp_path / 'run')
+    # A 50-image step of the 35M network takes ~15 s on 2 cores, and a
+    # snapshot (parameters and Adam's two moments, ~400 MB compressed)
+    # ~10 s: keep the run tiny and skip the snapshot, which is train.py's
+    # business and independent of the network.
+    monkeypatch.setattr(train.extensions, 'snapshot',
+                        lambda *a, **k: (lambda trainer: None))
+    train.main(['--arch', 'baseline', '--data-dir', mnist_dir(),
+                '--train-size', '10', '--test-size', '10',
+                '--batchsize', '10', '--epoch', '1', '--no-progress',
+                '--out', out])
+    with open(os.path.join(out, 'final.json')) as f:
+        final = json.load(f)
+    assert final['arch'] == 'baseline'
+    assert final['parameters'] == PAPER_COUNT
+    assert final['epochs'] == final['final_epoch'] == 1
+    assert 0 <= final['final_test_error'] <= 1
+    log = open(os.path.join(out, 'log')).read()
+    assert 'test/main/accuracy' in log and 'main/loss' in log
