@@ -171,3 +171,39 @@ def test_train_end_to_end(tmp_path, monkeypatch):
     assert 0 <= final['final_test_error'] <= 1
     log = open(os.path.join(out, 'log')).read()
     assert 'test/main/accuracy' in log and 'main/loss' in log
+
+
+def test_fast_baseline_equals_plain_in_float64():
+    """The fast CPU path (HWBC, padded DFT convolutions) computes the same
+    loss and gradients. Compared in float64: in float32 a single ReLU input
+    within rounding of zero can take the other branch in one path, which
+    moves a bias gradient by a visible fraction while both are right."""
+    numpy.random.seed(0)
+    model = nets.BaselineCNN(dropout=0)
+    for param in model.params():
+        param.array = param.array.astype(numpy.float64)
+    x = numpy.random.rand(3, 1, 28, 28)
+    t = numpy.array([1, 4, 9], dtype=numpy.int32)
+    results = {}
+    for fast in (False, True):
+        model.fast = fast
+        model.cleargrads()
+        loss = model(x, t)
+        loss.backward()
+        results[fast] = (float(loss.array), {
+            name: p.grad.copy() for name, p in model.namedparams()})
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
+    for name, grad in results[False][1].items():
+        numpy.testing.assert_allclose(results[True][1][name], grad,
+                                      rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_fast_baseline_is_chosen_on_the_cpu():
+    model = nets.BaselineCNN()
+    assert model._use_fast()
+    x = numpy.random.rand(2, 1, 28, 28).astype(numpy.float32)
+    with chainer.no_backprop_mode(), chainer.using_config('train', False):
+        fast = model.logits(x).array
+        model.fast = False
+        plain = model.logits(x).array
+    numpy.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
