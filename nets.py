@@ -381,6 +381,10 @@ def save_model(path, model):
             numpy.savez_compressed(f, **target)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private; give it the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

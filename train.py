@@ -397,7 +397,10 @@ def main(argv=None):
         print('model saved to {}'.format(args.save))
     summary = {'arch': args.arch, 'dataset': args.dataset,
                'options': model.options, 'epochs': args.epoch,
-               'parameters': int(n_params)}
+               'parameters': int(n_params), 'train_size': len(train),
+               'validation_size': len(validation) if validation else 0,
+               'test_size': len(test), 'seed': args.seed,
+               'batchsize': args.batchsize}
     if final.history:
         last_epoch, last_acc = final.history[-1]
         best_epoch, best_acc = max(final.history, key=lambda h: h[1])

@@ -217,3 +217,20 @@ def test_load_errors_are_one_clear_line(tmp_path):
         nets.load_model(foreign)
     with pytest.raises(nets.ModelFileError, match='routing=1 in the file'):
         nets.load_model(path, expected_options={'routing': 3})
+
+
+def test_interrupted_save_leaves_the_earlier_model_intact(tmp_path,
+                                                          monkeypatch):
+    path = str(tmp_path / 'model.npz')
+    nets.save_model(path, nets.CapsNet(routing=1))
+    before = open(path, 'rb').read()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt('killed while writing')
+
+    monkeypatch.setattr(numpy, 'savez_compressed', crash)
+    with pytest.raises(KeyboardInterrupt):
+        nets.save_model(path, nets.CapsNet(routing=2))
+    assert open(path, 'rb').read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.npz']
+    assert nets.load_model(path).options['routing'] == 1

@@ -22,10 +22,11 @@ needs_mnist = pytest.mark.skipif(
     reason='real MNIST not found at {} (set CAPSNET_SHARED_DATA)'.format(
         MNIST))
 
-# From a real run (2026-11-25, 2-core CPU): 3,000 training examples, one
-# epoch, batch 100 gave 85.9% test accuracy on the first 1,000 test
-# images; chance is 10%. The bound leaves room for BLAS and CPU differences.
-ONE_EPOCH_MIN_ACCURACY = 0.6
+# From a real run (2026-11-25, 2-core CPU, seed 0): 3,000 training examples,
+# one epoch, batch 100, reconstruction, gave 70.4% accuracy on the first
+# 1,000 test images; chance is 10%. The bound leaves room for BLAS and
+# CPU differences.
+ONE_EPOCH_MIN_ACCURACY = 0.5
 
 
 def run_train(*args):
@@ -59,6 +60,18 @@ def test_one_epoch_learns_and_writes_every_output(tmp_path):
                                      for i in range(0, 1000, 250)])
     assert (predictions == t).mean() == pytest.approx(
         log[-1]['test/main/accuracy'], abs=1e-6)
+
+    # visualize.py on the model just trained: every figure, stated grids
+    import matplotlib.image
+    import visualize
+    figures = tmp_path / 'vis'
+    assert visualize.main(['--load', str(model_path), '--out', str(figures),
+                           '--data-dir', MNIST]) in (None, 0)
+    grids = {'vis.png': (4, 10), 'vis_all.png': (11, 10)}
+    grids.update({'vis_tweaked{}.png'.format(c): (16, 11) for c in range(10)})
+    for name, (rows, cols) in grids.items():
+        image = matplotlib.image.imread(str(figures / name))
+        assert image.shape[:2] == visualize.tile_shape(rows, cols, 28), name
 
 
 TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
