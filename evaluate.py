@@ -20,7 +20,6 @@ over the misclassified ones. Writes into --out (default ``eval``):
 A baseline CNN model (train.py --arch baseline) is evaluated too; its
 "lengths" are its softmax probabilities (``"score": "probability"``).
 """
-import argparse
 import json
 import os
 import sys
@@ -32,8 +31,9 @@ matplotlib.use('Agg')
 from matplotlib.figure import Figure  # noqa: E402
 
 import datasets  # noqa: E402
+import cli  # noqa: E402
 import visualize  # noqa: E402
-from visualize import fail  # noqa: E402
+from cli import fail  # noqa: E402
 
 MAX_SHOWN = 100
 SHOWN_COLS = 10
@@ -159,7 +159,7 @@ def misclassified_figure(images, predictions, labels, title,
 
 
 def build_parser():
-    parser = visualize.ArgumentParser(
+    parser = cli.ArgumentParser(
         description='Test error, confusion matrix and misclassified '
                     'examples of a trained model')
     add = parser.add_argument
@@ -168,27 +168,16 @@ def build_parser():
     add('--dataset', default='mnist', choices=datasets.dataset_names())
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
-    add('--test-size', type=_positive_int, default=None,
+    add('--test-size', type=cli.positive_int, default=None,
         help='use the first N test examples (default all)')
     add('--out', '-o', default='eval',
         help='folder for confusion.png, misclassified.png, evaluation.json')
-    add('--batchsize', '-b', type=_positive_int, default=200)
+    add('--batchsize', '-b', type=cli.positive_int, default=200)
     add('--json', action='store_true',
         help='print evaluation.json as one line on stdout (the report goes '
              'to stderr)')
-    visualize.add_device_arguments(parser)
+    cli.add_device_arguments(parser)
     return parser
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            'must be an integer, got {!r}'.format(text))
-    if value <= 0:
-        raise argparse.ArgumentTypeError('must be > 0, got {}'.format(value))
-    return value
 
 
 def json_text(result):
@@ -229,10 +218,10 @@ def report_lines(result):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = visualize.load_model(args.load, need_capsnet=False,
+    model = cli.load_model(args.load, need_capsnet=False,
                                  purpose='evaluate.py')
-    device = visualize.select_device(args)
-    visualize.check_writable(args.out)
+    device = cli.select_device(args)
+    cli.check_writable(args.out)
     try:
         _, _, test = datasets.get_mnist_like(
             args.dataset, data_dir=args.data_dir, test_size=args.test_size,
@@ -271,7 +260,7 @@ def main(argv=None):
                                   'misclassified (first {} of {}): p '
                                   'predicted, t true'.format(
                                       len(wrong), result['errors'])))
-        visualize.write_atomically(
+        cli.atomic_write(
             paths['evaluation.json'],
             lambda f: f.write(json_text(result).encode()))
     except OSError as e:

@@ -39,8 +39,9 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
+
+import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(HERE, 'train.py')
@@ -196,22 +197,7 @@ def conflict(row, trial, args):
 
 def write_atomically(path, text):
     """Write text to path through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private (0600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    cli.atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def launch(command, log_path):

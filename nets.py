@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy
@@ -23,6 +22,8 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 from chainer import backend, reporter
+
+import cli
 
 EPSILON = 1e-7
 N_PRIMARY_TYPES = 32
@@ -373,23 +374,7 @@ def save_model(path, model):
     meta = {'arch': model.arch, 'options': model.options}
     target = dict(serializer.target)
     target[_META_KEY] = numpy.array(json.dumps(meta))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            numpy.savez_compressed(f, **target)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private; give it the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    cli.atomic_write(path, lambda f: numpy.savez_compressed(f, **target))
 
 
 def read_model_meta(path):

@@ -36,8 +36,9 @@ import warnings
 import numpy
 from PIL import Image, UnidentifiedImageError
 
+import cli
 import visualize
-from visualize import fail
+from cli import fail
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp', '.pgm', '.ppm', '.pbm', '.pnm')
@@ -275,20 +276,8 @@ def threshold_value(text):
     return value
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            'must be an integer, got {!r}'.format(text))
-    if value <= 0:
-        raise argparse.ArgumentTypeError(
-            'must be > 0, got {}'.format(value))
-    return value
-
-
 def build_parser():
-    parser = visualize.ArgumentParser(
+    parser = cli.ArgumentParser(
         description='Classify digit images with a trained CapsNet')
     add = parser.add_argument
     add('images', nargs='+', metavar='IMAGE',
@@ -306,14 +295,14 @@ def build_parser():
     add('--reconstruct', metavar='OUT.png', default=None,
         help='write each preprocessed input beside its reconstruction '
              '(needs a model trained with --reconstruct)')
-    add('--batchsize', '-b', type=positive_int, default=100)
-    visualize.add_device_arguments(parser)
+    add('--batchsize', '-b', type=cli.positive_int, default=100)
+    cli.add_device_arguments(parser)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = visualize.load_model(
+    model = cli.load_model(
         args.load, need_capsnet=False, need_decoder=bool(args.reconstruct),
         status=USAGE, purpose='predict.py --reconstruct')
     is_capsnet = model.arch == 'capsnet'
@@ -322,10 +311,10 @@ def main(argv=None):
              '--reconstruct needs a CapsNet trained with --reconstruct'
              .format(args.load, model.arch), USAGE)
     if args.reconstruct:
-        visualize.check_writable(
+        cli.check_writable(
             os.path.dirname(os.path.abspath(args.reconstruct)),
             '--reconstruct file', USAGE)
-    device = visualize.select_device(args, USAGE)
+    device = cli.select_device(args, USAGE)
     model.to_device(device)
     side = model.input_size
     key = 'lengths' if is_capsnet else 'probabilities'

@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import re
-import sys
 
 import numpy
 
@@ -24,6 +23,7 @@ import chainer
 from chainer import training
 from chainer.training import extensions
 
+import cli
 import datasets
 import nets
 
@@ -68,20 +68,6 @@ def serialize_random_state(serializer, random_state):
          int(has_gauss), float(gauss)))
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError('must be > 0, got {}'.format(value))
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError('must be >= 0, got {}'.format(value))
-    return value
-
-
 def rate(text):
     value = float(text)
     if not 0 < value <= 1:
@@ -94,18 +80,15 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description='CapsNet (Sabour et al. 2017) in Chainer')
     add = parser.add_argument
-    add('--gpu', '-g', type=int, default=-1,
-        help='GPU id (negative: CPU)')
-    add('--device', default=None,
-        help='Chainer device specifier (@numpy, @cupy:0); overrides -g')
+    cli.add_device_arguments(parser)
     add('--save', default=None, help='write the trained model to this file')
     add('--out', '-o', default='result',
         help='folder for the log, plots and snapshots')
     add('--resume', default=None, help='continue from this snapshot')
     add('--autoload', action='store_true',
         help='continue from the newest snapshot in --out, if any')
-    add('--batchsize', '-b', type=positive_int, default=100)
-    add('--epoch', '-e', type=positive_int, default=30)
+    add('--batchsize', '-b', type=cli.positive_int, default=100)
+    add('--epoch', '-e', type=cli.positive_int, default=30)
     add('--seed', '-s', type=int, default=0)
     add('--alpha', type=float, default=1e-3, help="Adam's learning rate")
     add('--decay', type=rate, default=0.95,
@@ -115,17 +98,17 @@ def build_parser():
     add('--dataset', default='mnist', choices=datasets.dataset_names())
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
-    add('--train-size', type=positive_int, default=None,
+    add('--train-size', type=cli.positive_int, default=None,
         help='use the first N training examples')
-    add('--test-size', type=positive_int, default=None,
+    add('--test-size', type=cli.positive_int, default=None,
         help='use the first N test examples')
-    add('--validation', type=non_negative_int, default=0,
+    add('--validation', type=cli.non_negative_int, default=0,
         help='hold out the last N training examples to choose a best model')
-    add('--max-shift', type=non_negative_int, default=2,
+    add('--max-shift', type=cli.non_negative_int, default=2,
         help='training images are shifted by up to this many pixels')
     add('--arch', default='capsnet', choices=sorted(nets.ARCHITECTURES),
         help='network to train')
-    add('--routing', '-r', type=positive_int, default=3,
+    add('--routing', '-r', type=cli.positive_int, default=3,
         help='routing iterations r')
     add('--reconstruct', '--recon', action='store_true',
         help='add the decoder and its 0.0005-scaled reconstruction loss')
@@ -139,36 +122,11 @@ def build_parser():
     add('--impl', default='auto', choices=['auto', 'fast', 'plain'],
         help='fast CPU kernels or stock Chainer functions (auto: fast on '
              'the CPU)')
-    add('--eval-batchsize', type=positive_int, default=200)
-    add('--snapshot-keep', type=positive_int, default=2,
+    add('--eval-batchsize', type=cli.positive_int, default=200)
+    add('--snapshot-keep', type=cli.positive_int, default=2,
         help='how many epoch snapshots to keep')
     add('--no-progress', action='store_true', help='hide the progress bar')
     return parser
-
-
-def select_device(args):
-    """chainer Device for --device / -g, or exit with one clear line."""
-    spec = args.device
-    if spec is None:
-        spec = '@numpy' if args.gpu < 0 else '@cupy:{}'.format(args.gpu)
-    if 'cupy' in spec:
-        from chainer.backends import cuda
-        if not cuda.available:
-            fail('{} needs CuPy with a working CUDA GPU, and CuPy is not '
-                 'available; install cupy-cuda12x or train on the CPU '
-                 'with -g -1'.format(spec))
-    try:
-        device = chainer.get_device(spec)
-        device.use()
-    except Exception as e:  # chainer raises several kinds here
-        fail('cannot use device {}: {}; check -g/--device'
-             .format(spec, str(e).splitlines()[0] if str(e) else
-                     type(e).__name__))
-    return device
-
-
-def fail(message):
-    sys.exit('error: ' + message)
 
 
 def model_options(args):
@@ -186,22 +144,10 @@ def build_model(args):
     try:
         model = nets.ARCHITECTURES[args.arch](**options)
     except ValueError as e:
-        fail(str(e))
+        cli.fail(str(e))
     if hasattr(model, 'fast'):
         model.fast = {'auto': None, 'fast': True, 'plain': False}[args.impl]
     return model
-
-
-def check_writable(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, '.write-test')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        fail('cannot write to {} ({}); choose another --out/--save'
-             .format(folder, e.strerror or e))
 
 
 def newest_snapshot(out):
@@ -296,10 +242,11 @@ def main(argv=None):
     if args.input_size < 28:
         parser.error('--input-size must be >= 28, got {}'
                      .format(args.input_size))
-    device = select_device(args)
-    check_writable(args.out)
+    device = cli.select_device(args)
+    cli.check_writable(args.out)
     if args.save:
-        check_writable(os.path.dirname(os.path.abspath(args.save)))
+        cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
+                           '--save')
 
     try:
         train, validation, test = datasets.get_mnist_like(
@@ -307,7 +254,7 @@ def main(argv=None):
             test_size=args.test_size, validation=args.validation,
             input_size=args.input_size)
     except datasets.DatasetError as e:
-        fail(str(e))
+        cli.fail(str(e))
 
     numpy.random.seed(args.seed)  # parameter initialisation
     model = build_model(args)
@@ -379,14 +326,15 @@ def main(argv=None):
         resume = newest_snapshot(args.out)
     if resume:
         if not os.path.exists(resume):
-            fail('snapshot {} does not exist; check --resume'.format(resume))
+            cli.fail('snapshot {} does not exist; check --resume'
+                     .format(resume))
         try:
             chainer.serializers.load_npz(resume, trainer)
         except Exception as e:
-            fail('cannot resume from {} ({}: {}); it is not a snapshot of '
-                 'this configuration'.format(resume, type(e).__name__,
-                                             str(e).splitlines()[0]
-                                             if str(e) else ''))
+            cli.fail('cannot resume from {} ({}: {}); it is not a snapshot of '
+                     'this configuration'.format(
+                         resume, type(e).__name__,
+                         str(e).splitlines()[0] if str(e) else ''))
         print('resumed from {} at epoch {}'.format(resume,
                                                    updater.epoch))
 

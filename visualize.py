@@ -28,11 +28,9 @@ The image helpers here (``tile``, ``tint``, ``save_image``,
 ``select_device``, ``load_model``) are shared with predict.py and
 evaluate.py.
 """
-import argparse
 import contextlib
 import os
 import sys
-import tempfile
 
 import numpy
 
@@ -45,6 +43,8 @@ from chainer import backend  # noqa: E402
 
 import datasets  # noqa: E402
 import nets  # noqa: E402
+from cli import (ArgumentParser, add_device_arguments, atomic_write,  # noqa: E402,F401
+                 check_writable, fail, load_model, select_device)
 
 BORDER = 2
 BORDER_COLOR = (0.5, 0.5, 0.5)
@@ -58,125 +58,18 @@ MAX_STEPS = 50  # at most 2 * 50 + 1 columns in a tweak figure
 # Command-line helpers (shared with predict.py and evaluate.py)
 # --------------------------------------------------------------------------
 
-def fail(message, status=1):
-    """Print ONE line ``error: message`` to stderr and exit with status."""
-    print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
-    sys.exit(status)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line ``error: ...`` (status 2)."""
-
-    def error(self, message):
-        fail('{}; see {} --help'.format(message, self.prog), 2)
-
-
-def add_device_arguments(parser):
-    parser.add_argument('--gpu', '-g', type=int, default=-1,
-                        help='GPU id (negative: CPU, the default)')
-    parser.add_argument('--device', default=None,
-                        help='Chainer device specifier (@numpy, @cupy:0); '
-                             'overrides -g')
-
-
-def select_device(args, status=1):
-    """chainer Device for --device / -g (as train.py), or exit with a line."""
-    spec = args.device
-    if spec is None:
-        spec = '@numpy' if args.gpu < 0 else '@cupy:{}'.format(args.gpu)
-    if 'cupy' in spec:
-        from chainer.backends import cuda
-        if not cuda.available:
-            fail('{} needs CuPy with a working CUDA GPU, and CuPy is not '
-                 'available; install cupy-cuda12x or run on the CPU with '
-                 '-g -1'.format(spec), status)
-    try:
-        device = chainer.get_device(spec)
-        device.use()
-    except Exception as e:  # chainer raises several kinds here
-        fail('cannot use device {}: {}; check -g/--device'.format(
-            spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
-            status)
-    return device
-
-
-def load_model(path, need_capsnet=True, need_decoder=False, status=1,
-               purpose='this tool'):
-    """nets.load_model, or exit with one line when the file is unusable.
-
-    Args:
-        need_capsnet: the file must hold a CapsNet (not the baseline CNN).
-        need_decoder: the CapsNet must have its decoder (--reconstruct).
-        purpose: what needs it, for the messages.
-    """
-    try:
-        model = nets.load_model(path)
-    except nets.ModelFileError as e:
-        fail(e, status)
-    except Exception as e:  # anything nets did not anticipate
-        fail('cannot load model file {} ({}: {}); it may be truncated or '
-             'corrupt, so train again with --save'.format(
-                 path, type(e).__name__, str(e).splitlines()[0]
-                 if str(e) else ''), status)
-    if need_capsnet and model.arch != 'capsnet':
-        fail('{} holds the {} network, not a CapsNet; {} needs a CapsNet '
-             'model (train.py --arch capsnet)'.format(
-                 path, model.arch, purpose), status)
-    if need_decoder and not getattr(model, 'reconstruct', False):
-        fail('{} was trained without --reconstruct, so it has no decoder and '
-             '{} cannot draw reconstructions; train with train.py '
-             '--reconstruct'.format(path, purpose), status)
-    if model.options.get('n_classes', 10) != 10:
-        fail('{} has {} classes; {} expects the 10 classes of MNIST'.format(
-            path, model.options.get('n_classes'), purpose), status)
-    return model
-
-
-def check_writable(folder, what='--out', status=1):
-    """Create ``folder`` if needed and make sure files can be written there."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.write-test', dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        fail('cannot write to {} ({}); choose another {}'.format(
-            folder, e.strerror or e, what), status)
-
-
-def write_atomically(path, write):
-    """Call ``write(binary_file)`` on a temp file beside path, then rename.
-
-    An interrupted write never leaves a half file under the final name.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_image(path, image):
     """Save (H, W) gray or (H, W, 3) RGB values in [0, 1] as a PNG."""
     image = numpy.clip(numpy.asarray(image, dtype=numpy.float32), 0, 1)
     kwargs = {'cmap': 'gray', 'vmin': 0, 'vmax': 1} if image.ndim == 2 \
         else {}
-    write_atomically(path, lambda f: matplotlib.image.imsave(
+    atomic_write(path, lambda f: matplotlib.image.imsave(
         f, image, format='png', **kwargs))
 
 
 def save_figure(path, figure, dpi=100):
     """Save a matplotlib Figure as a PNG atomically."""
-    write_atomically(path, lambda f: figure.savefig(f, format='png',
+    atomic_write(path, lambda f: figure.savefig(f, format='png',
                                                     dpi=dpi))
 
 
