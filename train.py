@@ -360,8 +360,9 @@ def main(argv=None):
         print('lowest test error over epochs: {:.2f}% (epoch {}; chosen on '
               'the test set, so optimistic)'.format(100 * (1 - best_acc),
                                                     best_epoch))
-    with open(os.path.join(args.out, 'final.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    text = json.dumps(summary, indent=2) + '\n'
+    cli.atomic_write(os.path.join(args.out, 'final.json'),
+                     lambda f: f.write(text.encode('utf-8')))
 
 
 if __name__ == '__main__':
