@@ -34,10 +34,17 @@ def parse_args(argv=None):
                         help='time only the fast path')
     parser.add_argument('--json', action='store_true',
                         help='end with one line holding a JSON object')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help='leave glibc returning freed memory to the '
+                        'system (see fast_ops.keep_freed_memory)')
     args = parser.parse_args(argv)
-    for name in ('batchsize', 'repeats'):
-        if getattr(args, name) <= 0:
-            parser.error('--{} must be > 0'.format(name))
+    for name in ('batchsize', 'eval_batchsize', 'threads', 'repeats',
+                 'routing'):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error('--{} must be > 0'.format(name.replace('_', '-')))
+    if args.warmup < 0:
+        parser.error('--warmup must be >= 0')
     return args
 
 
@@ -90,7 +97,11 @@ def main(argv=None):
             os.environ[var] = str(args.threads)
     import numpy
     import chainer
+    import fast_ops
     import nets
+
+    # before any timing, so that both implementations run under it
+    kept = False if args.default_malloc else fast_ops.keep_freed_memory()
 
     random = numpy.random.RandomState(0)
     numpy.random.seed(0)
@@ -106,6 +117,7 @@ def main(argv=None):
               'eval_batchsize': len(x_eval), 'routing': args.routing,
               'repeats': args.repeats,
               'threads': args.threads or 'default',
+              'keep_freed_memory': kept,
               'machine': '{} ({} cores, {})'.format(
                   platform.processor() or platform.machine(),
                   os.cpu_count(), platform.platform(terse=True))}

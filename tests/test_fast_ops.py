@@ -1,4 +1,9 @@
 """The fast CPU kernels: gradient checks and agreement with the plain path."""
+import os
+import platform
+import subprocess
+import sys
+
 import numpy
 import pytest
 
@@ -130,3 +135,19 @@ def test_fixed_weights_reuses_the_kernel_transform_exactly():
         model.primary.W.array *= 2
         changed = model.capsules(x).array
     assert not numpy.allclose(changed, expected)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc',
+                    reason='keep_freed_memory sets glibc malloc options')
+def test_keep_freed_memory_takes_on_glibc():
+    # in a child process: the settings last for the life of the process
+    result = subprocess.run(
+        [sys.executable, '-c',
+         'import fast_ops, numpy; ok = fast_ops.keep_freed_memory(); '
+         'a = numpy.ones((64 << 20) // 4, numpy.float32); del a; '
+         'b = numpy.ones((64 << 20) // 4, numpy.float32); '
+         'print(ok, float(b.sum()))'],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['True', str(float((64 << 20) // 4))]
