@@ -95,6 +95,10 @@ def load_model(path, need_capsnet=True, need_decoder=False, status=1,
         fail('{} holds the {} network, not a CapsNet; {} needs a CapsNet '
              'model (train.py --arch capsnet)'.format(
                  path, model.arch, purpose), status)
+    if need_decoder and model.arch != 'capsnet':
+        fail('{} holds the {} network, which has no decoder; {} needs a '
+             'CapsNet trained with train.py --reconstruct'.format(
+                 path, model.arch, purpose), status)
     if need_decoder and not getattr(model, 'reconstruct', False):
         fail('{} was trained without --reconstruct, so it has no decoder and '
              '{} cannot draw reconstructions; train with train.py '

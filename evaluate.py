@@ -219,7 +219,7 @@ def report_lines(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model = cli.load_model(args.load, need_capsnet=False,
-                                 purpose='evaluate.py')
+                           purpose='evaluate.py')
     device = cli.select_device(args)
     cli.check_writable(args.out)
     try:

@@ -521,7 +521,7 @@ def table1(args):
     if problems:
         sys.stderr.write(''.join('error: {}\n'.format(p) for p in problems))
         return 2
-    os.makedirs(args.out, exist_ok=True)
+    cli.check_writable(args.out)
     failed = []
     for row, trial in jobs:
         if is_finished(run_dir(args.out, row, trial), args.epochs):

@@ -306,10 +306,12 @@ def main(argv=None):
         args.load, need_capsnet=False, need_decoder=bool(args.reconstruct),
         status=USAGE, purpose='predict.py --reconstruct')
     is_capsnet = model.arch == 'capsnet'
-    if args.reconstruct and not is_capsnet:
-        fail('{} holds the {} network, which has no decoder; '
-             '--reconstruct needs a CapsNet trained with --reconstruct'
-             .format(args.load, model.arch), USAGE)
+    if model.input_size < MNIST_SIDE:
+        fail('{} takes {} x {} images, smaller than the {} x {} MNIST digits '
+             'predict.py prepares; use a model trained with train.py '
+             '(--input-size >= {})'.format(
+                 args.load, model.input_size, model.input_size, MNIST_SIDE,
+                 MNIST_SIDE, MNIST_SIDE), USAGE)
     if args.reconstruct:
         cli.check_writable(
             os.path.dirname(os.path.abspath(args.reconstruct)),

@@ -25,6 +25,7 @@ from chainer.training import extensions
 
 import cli
 import datasets
+import fast_ops
 import nets
 
 
@@ -160,6 +161,42 @@ def newest_snapshot(out):
     return max(found)[1] if found else None
 
 
+class RecordOptions(training.Extension):
+    """Keeps the network's and the data's options in every snapshot.
+
+    Most options leave the parameter shapes alone (W has the same shape for
+    every routing count r), so a snapshot would otherwise load silently into
+    a differently configured run. Loading one made with other options raises
+    ValueError naming the differences.
+    """
+    trigger = 1, 'epoch'
+
+    def __init__(self, options):
+        self.options = options
+
+    def __call__(self, trainer):
+        pass
+
+    def serialize(self, serializer):
+        if not isinstance(serializer, chainer.serializer.Deserializer):
+            serializer('options', numpy.asarray(
+                json.dumps(self.options, sort_keys=True)))
+            return
+        try:
+            stored = json.loads(str(serializer('options', None)[()]))
+        except KeyError:
+            return  # a snapshot from before options were recorded
+        differences = ['{}={} in the snapshot, {} asked'.format(
+            key, stored.get(key), self.options.get(key))
+            for key in sorted(set(stored) | set(self.options))
+            if stored.get(key) != self.options.get(key)]
+        if differences:
+            raise ValueError(
+                'the snapshot was made with other options: {}; resume with '
+                'the same flags or use another --out'.format(
+                    ', '.join(differences)))
+
+
 class FixedWeightsEvaluator(extensions.Evaluator):
     """Evaluator whose means are weighted by batch size, so the accuracy is
     the exact fraction of correct examples even when the last batch is
@@ -243,6 +280,8 @@ def main(argv=None):
         parser.error('--input-size must be >= 28, got {}'
                      .format(args.input_size))
     device = cli.select_device(args)
+    if device.xp is numpy:
+        fast_ops.keep_freed_memory()
     cli.check_writable(args.out)
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
@@ -309,6 +348,9 @@ def main(argv=None):
         filename='snapshot_epoch_{.updater.epoch}',
         n_retains=args.snapshot_keep), trigger=(1, 'epoch'))
     trainer.extend(extensions.LogReport())
+    trainer.extend(RecordOptions(dict(
+        model.options, arch=args.arch, dataset=args.dataset)),
+        name='options')
     final = FinalReport('test/main/accuracy')
     trainer.extend(final)
     if extensions.PlotReport.available():

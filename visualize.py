@@ -23,10 +23,9 @@ The mosaics are saved pixel for pixel (one image pixel per PNG pixel, tiles
 separated by a 2 px grey border). The model needs the decoder, i.e. it must
 have been trained with ``train.py --reconstruct``.
 
-The image helpers here (``tile``, ``tint``, ``save_image``,
-``write_atomically``) and the command-line helpers (``fail``,
-``select_device``, ``load_model``) are shared with predict.py and
-evaluate.py.
+The image helpers here (``tile``, ``tint``, ``save_image``, ``to_cpu``,
+``inference_mode``) are shared with predict.py and evaluate.py; the
+command-line helpers are in cli.py.
 """
 import contextlib
 import os
