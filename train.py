@@ -25,7 +25,6 @@ from chainer.training import extensions
 
 import cli
 import datasets
-import fast_ops
 import nets
 
 
@@ -280,8 +279,6 @@ def main(argv=None):
         parser.error('--input-size must be >= 28, got {}'
                      .format(args.input_size))
     device = cli.select_device(args)
-    if device.xp is numpy:
-        fast_ops.keep_freed_memory()
     cli.check_writable(args.out)
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
