@@ -5,6 +5,8 @@
 - ``fresh_model_path`` / ``no_decoder_model_path``: a freshly initialised
   ``nets.CapsNet()`` (seed 0), with / without the decoder, saved once per
   session with ``nets.save_model``.
+- ``one_error_line(err)``: the one ``error: ...`` line of a tool's stderr
+  (a plain function: ``from conftest import one_error_line``).
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
 """
@@ -19,6 +21,13 @@ SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
                't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith('error: ') and 'Traceback' not in err
+    return lines[0]
 
 
 @pytest.fixture(scope='session')

@@ -12,17 +12,11 @@ import numpy
 import pytest
 
 import evaluate
+from conftest import one_error_line
 
 KEYS = {'test_error', 'errors', 'n', 'per_class_error', 'confusion',
         'mean_length_true', 'mean_length_runner_up', 'model', 'options',
         'dataset'}
-
-
-def one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith('error: ') and 'Traceback' not in err
-    return lines[0]
 
 
 # -- the statistics ----------------------------------------------------------

@@ -14,6 +14,7 @@ import datasets
 import nets
 import predict
 import visualize
+from conftest import one_error_line
 
 
 def bar_image(height=100, width=60, value=1.0, background=0.0):
@@ -34,13 +35,6 @@ def save_png(path, gray):
     Image.fromarray(numpy.round(numpy.asarray(gray) * 255).astype(
         numpy.uint8)).save(str(path))
     return str(path)
-
-
-def one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith('error: ') and 'Traceback' not in err
-    return lines[0]
 
 
 # -- preprocessing -----------------------------------------------------------

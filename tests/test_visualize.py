@@ -13,6 +13,7 @@ import chainer
 
 import nets
 import visualize
+from conftest import one_error_line
 
 B = visualize.BORDER
 
@@ -21,14 +22,6 @@ def read_png(path):
     """(H, W, C) uint8 of a PNG file."""
     with Image.open(path) as image:
         return numpy.asarray(image.convert('RGB'))
-
-
-def one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith('error: ')
-    assert 'Traceback' not in err
-    return lines[0]
 
 
 # -- mosaics ---------------------------------------------------------------
