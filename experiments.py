@@ -379,8 +379,9 @@ def render_table(summary, meta):
         meta.get('epochs', '?'), meta.get('train_size') or full_train,
         meta.get('test_size') or full_test)
     lines.append(
-        '- Budget: {}, {} trial(s) per row, train.py defaults otherwise '
-        '(Adam, per-epoch decay, shifts of up to 2 px).'.format(
+        '- Budget: {}, up to {} trial(s) per row (n: the finished ones), '
+        'train.py defaults otherwise (Adam, per-epoch decay, shifts of up '
+        'to 2 px).'.format(
             budget, meta.get('trials', '?')))
     if dataset == 'mnist':
         lines.append(
@@ -501,6 +502,9 @@ def build_parser():
         help='comma-separated subset of baseline,r1,r1-recon,r3,r3-recon')
     add('--dry-run', action='store_true',
         help='print the commands (finished ones commented out) and exit')
+    add('--collect-only', action='store_true',
+        help='start no run: rewrite results.json and table.md from the '
+             'runs already finished in --out (e.g. rows with fewer trials)')
     return parser
 
 
@@ -523,7 +527,7 @@ def table1(args):
         return 2
     cli.check_writable(args.out)
     failed = []
-    for row, trial in jobs:
+    for row, trial in [] if args.collect_only else jobs:
         if is_finished(run_dir(args.out, row, trial), args.epochs):
             continue
         if not do_run(row, trial, args):

@@ -243,6 +243,24 @@ def test_sweep_runs_each_run_once_and_resumes(tmp_path, fake_launch):
     assert len(fake_launch) == 4
 
 
+def test_collect_only_tables_finished_runs_and_starts_none(tmp_path,
+                                                          fake_launch):
+    out = tmp_path / 'sweep'
+    assert sweep(out) == 0                      # trials 0 and 1 of 2 rows
+    assert sweep(out, '--trials', '3', '--rows', 'r1') == 0   # r1 trial 2
+    del fake_launch[:]
+    assert sweep(out, '--trials', '3', '--collect-only',
+                 '--rows', 'baseline,r1,r3') == 0
+    assert fake_launch == []
+    with open(out / 'results.json') as f:
+        summary = {s['row']: s for s in json.load(f)['summary']}
+    assert summary['baseline']['n'] == 2 and summary['r1']['n'] == 3
+    assert summary['r1']['mean_error_pct'] == pytest.approx(0.4)
+    assert summary['r3']['n'] == 0
+    table = (out / 'table.md').read_text()
+    assert '0.40 ± 0.100 (n=3)' in table and 'not run (n=0)' in table
+
+
 def test_sweep_refuses_other_settings(tmp_path, fake_launch, capsys):
     out = tmp_path / 'sweep'
     assert sweep(out) == 0
