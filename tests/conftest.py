@@ -4,7 +4,8 @@
   checkout, or $CAPSNET_SHARED_DATA/mnist); the test is skipped when absent.
 - ``fresh_model_path`` / ``no_decoder_model_path``: a freshly initialised
   ``nets.CapsNet()`` (seed 0), with / without the decoder, saved once per
-  session with ``nets.save_model``.
+  session with ``nets.save_model``; ``small_baseline_path``: likewise a
+  ``nets.BaselineCNN(input_size=1)``.
 - ``one_error_line(err)``: the one ``error: ...`` line of a tool's stderr
   (a plain function: ``from conftest import one_error_line``).
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
@@ -41,11 +42,11 @@ def mnist_dir():
     return folder
 
 
-def _save_fresh(path, **options):
+def _save_fresh(path, network=nets.CapsNet, **options):
     state = numpy.random.get_state()
     numpy.random.seed(0)
     try:
-        nets.save_model(str(path), nets.CapsNet(**options))
+        nets.save_model(str(path), network(**options))
     finally:
         numpy.random.set_state(state)
     return str(path)
@@ -62,6 +63,14 @@ def no_decoder_model_path(tmp_path_factory):
     """A freshly initialised CapsNet(reconstruct=False) saved to a file."""
     return _save_fresh(tmp_path_factory.mktemp('models') / 'no_decoder.npz',
                        reconstruct=False)
+
+
+@pytest.fixture(scope='session')
+def small_baseline_path(tmp_path_factory):
+    """A baseline CNN model file. input_size=1 keeps it small (9.5 MB
+    instead of 140 MB for 28 x 28); what is checked is its architecture."""
+    return _save_fresh(tmp_path_factory.mktemp('models') / 'baseline.npz',
+                       nets.BaselineCNN, input_size=1)
 
 
 @pytest.fixture

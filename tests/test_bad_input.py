@@ -11,10 +11,8 @@ None of these runs trains: every bad input is rejected before the first
 training step. The one exception is the ``resumable_run`` fixture, which
 needs a real snapshot and makes it with ONE step on ONE image.
 
-Cases that the tools do not handle yet are marked ``xfail(strict=True)``
-with the observed behaviour as the reason.
-
-Fixtures mnist_dir and fresh_model_path are in conftest.py.
+Fixtures mnist_dir, fresh_model_path and small_baseline_path are in
+conftest.py.
 """
 import gzip
 import hashlib
@@ -30,10 +28,9 @@ import pytest
 from chainer.backends import cuda
 
 import nets
+from conftest import MNIST_FILES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
-               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 
 needs_no_cupy = pytest.mark.skipif(
     cuda.available, reason='CuPy is installed here; these cases check the '
@@ -140,20 +137,6 @@ def wrong_md5_data(tmp_path, mnist_dir):
                          content), name
 
 
-@pytest.fixture(scope='module')
-def small_baseline_path(tmp_path_factory):
-    """A baseline CNN model file. input_size=1 keeps it small (9.5 MB
-    instead of 140 MB for 28 x 28); what is checked is its architecture."""
-    path = str(tmp_path_factory.mktemp('baseline') / 'baseline.npz')
-    state = numpy.random.get_state()
-    numpy.random.seed(0)
-    try:
-        nets.save_model(path, nets.BaselineCNN(input_size=1))
-    finally:
-        numpy.random.set_state(state)
-    return path
-
-
 @pytest.fixture
 def blocker(tmp_path):
     """A plain file: any path below it cannot be created."""
@@ -184,27 +167,19 @@ PROGRAMS_READING_MNIST = ['train.py', 'visualize.py', 'evaluate.py',
 
 
 @pytest.mark.parametrize('program', PROGRAMS_READING_MNIST)
-def test_truncated_dataset_file(program, tmp_path, truncated_data,
-                                fresh_model_path):
-    data_dir, name = truncated_data
+@pytest.mark.parametrize('bad_data, fragments', [
+    # the expected md5 is the published one of the file
+    ('truncated_data', ['md5 is', 'truncated',
+                        'f68b3c2dcbeaaa9fbdd348bbdeb94873']),
+    ('wrong_md5_data', ['md5 is', 'expected d53e105ee54ea40749a09fcbcd1e9432']),
+], ids=['truncated', 'wrong-md5'])
+def test_bad_dataset_file(program, bad_data, fragments, tmp_path, request,
+                          fresh_model_path):
+    data_dir, name = request.getfixturevalue(bad_data)
     argv, outputs = data_command(program, data_dir, tmp_path / 'out',
                                  fresh_model_path)
     kept = Unchanged(*outputs + [os.path.join(data_dir, name)])
-    line = assert_one_error(run(program, *argv), name, data_dir,
-                            'md5 is', 'truncated')
-    assert 'f68b3c2dcbeaaa9fbdd348bbdeb94873' in line  # the expected md5
-    kept.check()
-
-
-@pytest.mark.parametrize('program', PROGRAMS_READING_MNIST)
-def test_dataset_file_with_the_wrong_md5(program, tmp_path, wrong_md5_data,
-                                         fresh_model_path):
-    data_dir, name = wrong_md5_data
-    argv, outputs = data_command(program, data_dir, tmp_path / 'out',
-                                 fresh_model_path)
-    kept = Unchanged(*outputs + [os.path.join(data_dir, name)])
-    assert_one_error(run(program, *argv), name, 'md5 is',
-                     'expected d53e105ee54ea40749a09fcbcd1e9432')
+    assert_one_error(run(program, *argv), name, data_dir, *fragments)
     kept.check()
 
 
