@@ -14,6 +14,7 @@ import contextlib
 
 import numpy
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
 import chainer.links as L

@@ -96,6 +96,7 @@ def main(argv=None):
                     'MKL_NUM_THREADS'):
             os.environ[var] = str(args.threads)
     import numpy
+    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
     import fast_ops
     import nets

@@ -7,6 +7,7 @@ import tempfile
 
 import numpy
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
 

@@ -22,6 +22,7 @@ import zlib
 
 import numpy
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
 TRAIN_IMAGES = 'train-images-idx3-ubyte.gz'

@@ -28,6 +28,7 @@ import functools
 import numpy
 from numpy.lib.stride_tricks import as_strided
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import function_node
 from chainer.utils import type_check

@@ -18,6 +18,7 @@ import zipfile
 
 import numpy
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
 import chainer.links as L

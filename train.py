@@ -19,6 +19,7 @@ import re
 
 import numpy
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import training
 from chainer.training import extensions

@@ -37,6 +37,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.image  # noqa: E402
 
+import compat  # noqa: E402,F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer  # noqa: E402
 from chainer import backend  # noqa: E402
 

@@ -16,6 +16,7 @@ import os
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import nets
 
 SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(

@@ -25,6 +25,7 @@ import sys
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from chainer.backends import cuda
 
 import nets

@@ -6,6 +6,7 @@ import sys
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

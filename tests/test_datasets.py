@@ -24,6 +24,7 @@ import urllib.request
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
 import datasets

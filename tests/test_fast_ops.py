@@ -7,6 +7,7 @@ import sys
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import gradient_check
 

@@ -2,6 +2,7 @@
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
 

@@ -9,6 +9,7 @@ import numpy
 import pytest
 from PIL import Image
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
 import nets
