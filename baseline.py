@@ -103,6 +103,10 @@ class BaselineCNN(chainer.Chain):
             self.fc3 = L.Linear(FC_SIZES[1], n_classes)
 
     def _use_fast(self):
+        if self.fast and self.xp is not numpy:
+            raise RuntimeError("the baseline's fast kernels are CPU-only; "
+                               'use the plain path (fast=None or False) on '
+                               'the GPU')
         if self.fast is None:
             return self.xp is numpy
         return self.fast

@@ -2,12 +2,16 @@
 """Time CapsNet training steps and evaluation, fast kernels against plain.
 
     python benchmark.py --batchsize 100 --json
+    python benchmark.py --device @cupy:0 --batchsize 100 --json    # GPU 0
 
 Both implementations run in this one process on the same parameters and
 data, after warm-up, over several repeats; the median is reported. A
 training step is forward, backward and Adam's update, with reconstruction
 and 3 routing iterations (the paper's MNIST model). The fast path runs
-first so that the peak resident memory it reports is its own.
+first so that the peak resident memory it reports is its own. On a GPU
+every timed call ends with a device synchronisation, and the peak GPU
+memory is the CuPy memory pool's high-water mark for each path (the pool is
+emptied in between).
 """
 import argparse
 import json
@@ -22,6 +26,9 @@ import time
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batchsize', '-b', type=int, default=100)
+    parser.add_argument('--device', '-d', default='@numpy',
+                        help='Chainer device: @numpy (CPU, the default) or '
+                        '@cupy:N for GPU N')
     parser.add_argument('--eval-batchsize', type=int, default=None,
                         help='default: same as --batchsize')
     parser.add_argument('--threads', type=int, default=None,
@@ -53,19 +60,25 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(function, warmup, repeats):
-    """Median seconds of ``function()`` over ``repeats`` calls."""
+def time_calls(function, warmup, repeats, synchronize=lambda: None):
+    """Median seconds of ``function()`` over ``repeats`` calls.
+
+    ``synchronize`` waits for the device, so that each call is timed to the
+    end of its GPU work.
+    """
     for _ in range(warmup):
         function()
+    synchronize()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         function()
+        synchronize()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
 
-def measure(model, optimizer, x, t, x_eval, args):
+def measure(model, optimizer, x, t, x_eval, args, synchronize):
     """(training samples/s, evaluation samples/s) for one implementation."""
     import chainer
 
@@ -80,11 +93,11 @@ def measure(model, optimizer, x, t, x_eval, args):
                 chainer.no_backprop_mode():
             model.lengths(model.capsules(x_eval)).array.argmax(axis=1)
 
-    train_s = time_calls(train_step, args.warmup, args.repeats)
+    train_s = time_calls(train_step, args.warmup, args.repeats, synchronize)
     # as in an evaluation pass over a test set: the weights stay fixed, so
     # the fast path transforms each kernel once per pass, in the warm-up
     with model.inference():
-        eval_s = time_calls(evaluate, args.warmup, args.repeats)
+        eval_s = time_calls(evaluate, args.warmup, args.repeats, synchronize)
     return len(x) / train_s, len(x_eval) / eval_s
 
 
@@ -104,40 +117,82 @@ def main(argv=None):
     # before any timing, so that both implementations run under it
     kept = False if args.default_malloc else fast_ops.keep_freed_memory()
 
+    try:
+        device = chainer.get_device(args.device)
+        device.use()
+    except Exception as e:  # chainer raises several kinds here
+        sys.exit('error: cannot use device {} ({}); check --device'.format(
+            args.device, ' '.join(str(e).split()) or type(e).__name__))
+    on_gpu = device.xp is not numpy
+    if on_gpu:
+        pool = device.xp.get_default_memory_pool()
+
+        def synchronize():
+            device.device.synchronize()
+
+        def peak_memory_mb():
+            synchronize()
+            return pool.total_bytes() / 2 ** 20
+    else:
+        def synchronize():
+            pass
+
     random = numpy.random.RandomState(0)
     numpy.random.seed(0)
     model = nets.CapsNet(routing=args.routing, reconstruct=True)
+    model.to_device(device)
     optimizer = chainer.optimizers.Adam()
     optimizer.setup(model)
-    x = random.rand(args.batchsize, 1, 28, 28).astype(numpy.float32)
-    t = random.randint(0, 10, args.batchsize).astype(numpy.int32)
-    x_eval = random.rand(args.eval_batchsize or args.batchsize, 1, 28,
-                         28).astype(numpy.float32)
+    x = device.send(random.rand(args.batchsize, 1, 28, 28)
+                    .astype(numpy.float32))
+    t = device.send(random.randint(0, 10, args.batchsize)
+                    .astype(numpy.int32))
+    x_eval = device.send(random.rand(args.eval_batchsize or args.batchsize,
+                                     1, 28, 28).astype(numpy.float32))
 
     result = {'batchsize': args.batchsize,
               'eval_batchsize': len(x_eval), 'routing': args.routing,
               'repeats': args.repeats,
               'threads': args.threads or 'default',
               'keep_freed_memory': kept,
+              'device': str(device),
               'machine': '{} ({} cores, {})'.format(
                   platform.processor() or platform.machine(),
                   os.cpu_count(), platform.platform(terse=True))}
+    if on_gpu:
+        properties = device.xp.cuda.runtime.getDeviceProperties(
+            device.device.id)
+        name = properties['name']
+        result['gpu'] = name.decode() if isinstance(name, bytes) else name
     model.fast = True
-    train, evaluation = measure(model, optimizer, x, t, x_eval, args)
+    train, evaluation = measure(model, optimizer, x, t, x_eval, args,
+                                synchronize)
     result.update(train_samples_per_s=round(train, 1),
                   eval_samples_per_s=round(evaluation, 1),
                   peak_rss_mb=round(peak_rss_mb(), 1))
+    memory = ''
+    if on_gpu:
+        result['peak_gpu_mb'] = round(peak_memory_mb(), 1)
+        memory = '   peak GPU {:.0f} MB'.format(result['peak_gpu_mb'])
+        pool.free_all_blocks()
     print('fast : train {:7.1f} samples/s   eval {:7.1f} samples/s   peak '
-          'RSS {:.0f} MB'.format(train, evaluation, result['peak_rss_mb']))
+          'RSS {:.0f} MB{}'.format(train, evaluation, result['peak_rss_mb'],
+                                   memory))
     if not args.no_plain:
         model.fast = False
-        train_p, eval_p = measure(model, optimizer, x, t, x_eval, args)
+        train_p, eval_p = measure(model, optimizer, x, t, x_eval, args,
+                                  synchronize)
         result.update(plain_train_samples_per_s=round(train_p, 1),
                       plain_eval_samples_per_s=round(eval_p, 1),
                       train_speedup=round(train / train_p, 2),
                       eval_speedup=round(evaluation / eval_p, 2))
-        print('plain: train {:7.1f} samples/s   eval {:7.1f} samples/s'
-              .format(train_p, eval_p))
+        memory = ''
+        if on_gpu:
+            result['plain_peak_gpu_mb'] = round(peak_memory_mb(), 1)
+            memory = '   peak GPU {:.0f} MB'.format(
+                result['plain_peak_gpu_mb'])
+        print('plain: train {:7.1f} samples/s   eval {:7.1f} samples/s{}'
+              .format(train_p, eval_p, memory))
         print('fast/plain: train {:.2f}x   eval {:.2f}x'.format(
             result['train_speedup'], result['eval_speedup']))
     seconds_per_epoch = 60000 / train

@@ -54,6 +54,17 @@ def add_device_arguments(parser):
                              'overrides -g')
 
 
+def cupy_problem():
+    """Why Chainer cannot use CuPy, in one line (the error it kept)."""
+    from chainer.backends import cuda
+    error = getattr(cuda, '_resolution_error', None)
+    if error is None:
+        return 'no reason recorded'
+    text = ' '.join(str(error).split())
+    return '{}: {}'.format(type(error).__name__, text) if text else \
+        type(error).__name__
+
+
 def select_device(args, status=1):
     """chainer Device for --device / -g (as train.py), or exit with a line.
 
@@ -66,9 +77,11 @@ def select_device(args, status=1):
     if 'cupy' in spec:
         from chainer.backends import cuda
         if not cuda.available:
-            fail('{} needs CuPy with a working CUDA GPU, and CuPy is not '
-                 'available; install cupy-cuda12x or run on the CPU with '
-                 '-g -1'.format(spec), status)
+            fail('{} needs CuPy with a working CUDA GPU, and CuPy cannot be '
+                 'used here ({}); install the CuPy for your CUDA (see '
+                 'README.md, Install: cupy-cuda12x or cupy-cuda13x) or run '
+                 'on the CPU with -g -1'.format(spec, cupy_problem()),
+                 status)
     try:
         device = chainer.get_device(spec)
         device.use()

@@ -1,4 +1,4 @@
-"""Fast CPU kernels for CapsNet: custom Chainer FunctionNodes on NumPy.
+"""Fast kernels for CapsNet: custom Chainer FunctionNodes.
 
 The plain Chainer path is bound by layout, not arithmetic (copies in
 reshape/tensordot, im2col, col2im). These nodes keep every large operand
@@ -15,7 +15,9 @@ contiguous so that OpenBLAS does the work:
 - ``digit_capsules``: prediction vectors and all r routing iterations in
   one node, with the backward pass through the iterations written out, so
   u_hat (B x 1152 x 10 x 16) is read a few times instead of being copied
-  by every broadcast.
+  by every broadcast. It is written with the NumPy API alone and runs on
+  CuPy arrays as well: it is the GPU path's routing (the convolutions there
+  stay Chainer's own).
 
 The parameters are the plain path's (Chainer's (O, C, kh, kw) convolution
 weights and W of shape (I, J, D, K)), so one model file serves both paths.
@@ -30,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
-from chainer import function_node
+from chainer import backend, function_node
 from chainer.utils import type_check
 
 EPSILON = 1e-7
@@ -337,14 +339,16 @@ def conv2d_hwbc(x, W, b, stride=1, method='im2col'):
 # --------------------------------------------------------------------------
 
 def _softmax(logits, axis):
-    e = numpy.exp(logits - logits.max(axis=axis, keepdims=True))
+    xp = backend.get_array_module(logits)
+    e = xp.exp(logits - logits.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
 
 
 def _squash_scale(squared):
     """g(q) with v = g(|s|^2) s: q / ((1 + q) sqrt(q + eps))."""
-    return squared / ((1 + squared) * numpy.sqrt(squared + EPSILON))
+    xp = backend.get_array_module(squared)
+    return squared / ((1 + squared) * xp.sqrt(squared + EPSILON))
 
 
 def squash_forward(s):
@@ -354,14 +358,35 @@ def squash_forward(s):
 
 def squash_backward(s, gv):
     """Gradient of squash at s for the output gradient gv, both (..., D)."""
+    xp = backend.get_array_module(s)
     q = (s * s).sum(axis=-1, keepdims=True)
-    root = numpy.sqrt(q + EPSILON)
+    root = xp.sqrt(q + EPSILON)
     denominator = (1 + q) * root
     # d/dq [q / ((1 + q) root)], finite at q = 0 thanks to EPSILON
     d_denominator = root + (1 + q) / (2 * root)
     d_scale = (denominator - q * d_denominator) / (denominator * denominator)
     return (q / denominator) * gv + 2 * d_scale * s * (s * gv).sum(
         axis=-1, keepdims=True)
+
+
+def outer_sum(weights, vectors, batched_gemm):
+    """sum_k weights[k][i, b, j] * vectors[k][b, j, :] -> (I, B, J, D).
+
+    Args:
+        weights: list of (I, B, J) arrays; vectors: list of (B, J, D).
+        batched_gemm: one broadcast matmul over all (i, b, j) (NumPy: the
+            BLAS does it in one pass), else one fused multiply-add per term
+            (CuPy: a matmul of a million 1 x R by R x D products is slow
+            there, while each term is one memory-bound elementwise kernel).
+    """
+    xp = backend.get_array_module(weights[0])
+    if batched_gemm:
+        return xp.matmul(xp.stack(weights, axis=-1)[..., None, :],
+                         xp.stack(vectors, axis=-2))[..., 0, :]
+    total = weights[0][..., None] * vectors[0]
+    for w, vector in zip(weights[1:], vectors[1:]):
+        total += w[..., None] * vector
+    return total
 
 
 class DigitCapsules(function_node.FunctionNode):
@@ -371,6 +396,9 @@ class DigitCapsules(function_node.FunctionNode):
     Output: v (B, J, D). ``self.coupling`` holds the last c as (B, I, J).
     Internally u_hat is laid out (I, B, J, D): the prediction GEMMs are
     batched over i, and every routing pass reads it front to back.
+    Written with the NumPy API only, so the same code runs on NumPy and on
+    CuPy arrays (the GPU path's routing: one graph node instead of about
+    sixty small ones, each with Chainer's per-function overhead).
     """
 
     def __init__(self, n_iterations):
@@ -383,31 +411,33 @@ class DigitCapsules(function_node.FunctionNode):
                           u.ndim == 3, W.ndim == 4, u.shape[1] == W.shape[0],
                           u.shape[2] == W.shape[3])
 
-    def forward_cpu(self, inputs):
+    def forward(self, inputs):
         u, W = inputs
+        xp = backend.get_array_module(u)
         n_in, n_out, dim_out, dim_in = W.shape
         batch = u.shape[0]
-        u_t = numpy.ascontiguousarray(u.transpose(1, 0, 2))      # (I, B, K)
-        W_t = numpy.ascontiguousarray(W.transpose(0, 3, 1, 2)).reshape(
+        u_t = xp.ascontiguousarray(u.transpose(1, 0, 2))         # (I, B, K)
+        W_t = xp.ascontiguousarray(W.transpose(0, 3, 1, 2)).reshape(
             n_in, dim_in, n_out * dim_out)                        # (I, K, JD)
-        u_hat = numpy.matmul(u_t, W_t).reshape(n_in, batch, n_out, dim_out)
-        logits = numpy.zeros((n_in, batch, n_out), dtype=u.dtype)
+        u_hat = xp.matmul(u_t, W_t).reshape(n_in, batch, n_out, dim_out)
+        logits = xp.zeros((n_in, batch, n_out), dtype=u.dtype)
         self.c, self.s, self.v = [], [], []
         for iteration in range(self.n_iterations):
             c = _softmax(logits, axis=2)
-            s = numpy.einsum('ibj,ibjd->bjd', c, u_hat)
+            s = xp.einsum('ibj,ibjd->bjd', c, u_hat)
             v = squash_forward(s)
             self.c.append(c)
             self.s.append(s)
             self.v.append(v)
             if iteration < self.n_iterations - 1:
-                logits += numpy.einsum('ibjd,bjd->ibj', u_hat, v)
+                logits += xp.einsum('ibjd,bjd->ibj', u_hat, v)
         self.u_t, self.W_t, self.u_hat = u_t, W_t, u_hat
         self.coupling = c.transpose(1, 0, 2)
         return v,
 
     def backward(self, indexes, grad_outputs):
         u_hat = self.u_hat
+        xp = backend.get_array_module(u_hat)
         # g_u_hat[i, b, j, :] = sum_k weights_k[i, b, j] * vectors_k[b, j, :],
         # summed at the end in one pass over u_hat's size
         weights, vectors = [], []
@@ -416,10 +446,10 @@ class DigitCapsules(function_node.FunctionNode):
         g_logits_next = None      # gradient for the logits after iteration r
         for r in reversed(range(self.n_iterations)):
             gv = gv_final.copy() if r == self.n_iterations - 1 else \
-                numpy.zeros_like(self.v[r])
+                xp.zeros_like(self.v[r])
             if g_logits_next is not None:
                 # logits_{r+1} = logits_r + <u_hat, v_r>
-                gv += numpy.einsum('ibj,ibjd->bjd', g_logits_next, u_hat)
+                gv += xp.einsum('ibj,ibjd->bjd', g_logits_next, u_hat)
                 weights.append(g_logits_next)
                 vectors.append(self.v[r])
             gs = squash_backward(self.s[r], gv)
@@ -427,23 +457,22 @@ class DigitCapsules(function_node.FunctionNode):
             vectors.append(gs)
             if r > 0:   # the first logits are constant zeros
                 c = self.c[r]
-                g_c = numpy.einsum('ibjd,bjd->ibj', u_hat, gs)
+                g_c = xp.einsum('ibjd,bjd->ibj', u_hat, gs)
                 g_logits = c * (g_c - (c * g_c).sum(axis=2, keepdims=True))
                 if g_logits_next is not None:
                     g_logits += g_logits_next
                 g_logits_next = g_logits
         n_in, batch, n_out, dim_out = u_hat.shape
         dim_in = self.u_t.shape[2]
-        g_u_hat = numpy.matmul(numpy.stack(weights, axis=-1)[..., None, :],
-                               numpy.stack(vectors, axis=-2))
+        g_u_hat = outer_sum(weights, vectors, batched_gemm=xp is numpy)
         g_flat = g_u_hat.reshape(n_in, batch, n_out * dim_out)
         grads = {}
         if 0 in indexes:
-            g_u_t = numpy.matmul(g_flat, self.W_t.transpose(0, 2, 1))
-            grads[0] = numpy.ascontiguousarray(g_u_t.transpose(1, 0, 2))
+            g_u_t = xp.matmul(g_flat, self.W_t.transpose(0, 2, 1))
+            grads[0] = xp.ascontiguousarray(g_u_t.transpose(1, 0, 2))
         if 1 in indexes:
-            g_W_t = numpy.matmul(self.u_t.transpose(0, 2, 1), g_flat)
-            grads[1] = numpy.ascontiguousarray(
+            g_W_t = xp.matmul(self.u_t.transpose(0, 2, 1), g_flat)
+            grads[1] = xp.ascontiguousarray(
                 g_W_t.reshape(n_in, dim_in, n_out, dim_out)
                 .transpose(0, 2, 3, 1))
         self.u_hat = self.u_t = self.c = self.s = self.v = None

@@ -6,8 +6,9 @@ D = 16 for a digit capsule's.
 
 Two implementations of the same network share one set of parameters:
 - the plain path, built from stock Chainer functions (runs on NumPy or CuPy);
-- the fast CPU path (`fast_ops`), custom FunctionNodes laid out so that the
-  BLAS does the work. It is chosen automatically on the CPU; ``fast=False``
+- the fast path (`fast_ops`), custom FunctionNodes laid out so that the
+  BLAS does the work: on the CPU every layer, on the GPU the prediction
+  vectors and routing as one node. It is chosen by default; ``fast=False``
   keeps the plain path selectable for comparison.
 """
 import contextlib
@@ -191,8 +192,10 @@ class CapsNet(chainer.Chain):
             older Chainer implementation did (6.8M parameters).
         input_size: side of the square input (28 MNIST; 36, 40 padded).
         n_classes: J.
-        fast: use the fast CPU kernels. None picks them on the CPU; the
-            choice is not part of the architecture and is not saved.
+        fast: use the fast kernels (``fast_ops``): on the CPU all of them,
+            on the GPU the routing node. None (the default) picks them on
+            both; False keeps the plain path. Not part of the architecture
+            and not saved.
     """
 
     arch = 'capsnet'
@@ -236,12 +239,12 @@ class CapsNet(chainer.Chain):
     # -- pieces ------------------------------------------------------------
 
     def _use_fast(self):
+        """Whether fast_ops runs: all of it on the CPU, its routing node
+        (``fast_ops.digit_capsules``) on the GPU, where the convolutions stay
+        Chainer's own."""
         if self.fast is None:
-            return self.xp is numpy
-        if self.fast and self.xp is not numpy:
-            raise RuntimeError('the fast kernels are CPU-only; use fast=None '
-                               'or fast=False on the GPU')
-        return self.fast
+            return True
+        return bool(self.fast)
 
     def _activation(self, h):
         if self.options['activation'] == 'leaky_relu':
@@ -262,7 +265,7 @@ class CapsNet(chainer.Chain):
 
         Capsule i = type * grid^2 + row * grid + column.
         """
-        if self._use_fast():
+        if self._use_fast() and self.xp is numpy:
             import fast_ops
             batch, side = x.shape[0], self.input_size
             # the fast kernels work on (H, W, B, C) arrays
@@ -307,7 +310,7 @@ class CapsNet(chainer.Chain):
 
     def inference(self):
         """Context for inference over many batches with fixed weights."""
-        if self._use_fast():
+        if self._use_fast() and self.xp is numpy:
             import fast_ops
             return fast_ops.fixed_weights()
         return contextlib.nullcontext()

@@ -121,8 +121,9 @@ def build_parser():
     add('--input-size', type=int, default=28,
         help='side of the (zero-padded) input images')
     add('--impl', default='auto', choices=['auto', 'fast', 'plain'],
-        help='fast CPU kernels or stock Chainer functions (auto: fast on '
-             'the CPU)')
+        help='fast kernels (fast_ops: every layer on the CPU, the routing on '
+             'the GPU) or stock Chainer functions (plain); auto: fast, except '
+             'for the baseline on the GPU')
     add('--eval-batchsize', type=cli.positive_int, default=200)
     add('--snapshot-keep', type=cli.positive_int, default=2,
         help='how many epoch snapshots to keep')
@@ -280,6 +281,10 @@ def main(argv=None):
         parser.error('--input-size must be >= 28, got {}'
                      .format(args.input_size))
     device = cli.select_device(args)
+    if args.impl == 'fast' and args.arch == 'baseline' and \
+            device.xp is not numpy:
+        parser.error("--impl fast: the baseline's fast kernels are CPU-only; "
+                     'use --impl auto or plain on the GPU')
     cli.check_writable(args.out)
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
@@ -294,6 +299,8 @@ def main(argv=None):
         cli.fail(str(e))
 
     numpy.random.seed(args.seed)  # parameter initialisation
+    if device.xp is not numpy:
+        device.xp.random.seed(args.seed)  # the baseline's dropout on the GPU
     model = build_model(args)
     n_params = nets.count_parameters(model)
     print('{}: {} parameters ({})'.format(

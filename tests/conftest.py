@@ -10,6 +10,13 @@
   (a plain function: ``from conftest import one_error_line``).
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
+- GPU switch: tests marked ``gpu`` run only when the environment variable
+  CAPSNET_TEST_GPU is 1 (``CAPSNET_TEST_GPU=1 python -m pytest -q -m gpu``);
+  otherwise they are skipped with that reason, so CI without a GPU stays
+  green. The ``gpu_device`` fixture then fails (not skips) if CuPy or the
+  GPU cannot be used, since the run asked for them. CAPSNET_TEST_DEVICE
+  (default @cupy:0) names the device; @numpy runs the same tests on the CPU
+  as a dry run of their code (CPU against CPU, GPU-only checks skipped).
 """
 import os
 
@@ -19,6 +26,7 @@ import pytest
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import nets
 
+GPU_SWITCH = 'CAPSNET_TEST_GPU'
 SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
@@ -30,6 +38,34 @@ def one_error_line(err):
     assert len(lines) == 1, err
     assert lines[0].startswith('error: ') and 'Traceback' not in err
     return lines[0]
+
+
+def gpu_tests_on():
+    return os.environ.get(GPU_SWITCH) == '1'
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_tests_on():
+        return
+    skip = pytest.mark.skip(reason='GPU tests are off: set {}=1 on a machine '
+                            'with CuPy and a CUDA GPU'.format(GPU_SWITCH))
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope='session')
+def gpu_device():
+    """chainer device @cupy:0; fails when the GPU tests are on without it."""
+    import chainer
+    from chainer.backends import cuda
+    spec = os.environ.get('CAPSNET_TEST_DEVICE', '@cupy:0')
+    if 'cupy' in spec and not cuda.available:
+        pytest.fail('{}=1 but Chainer cannot use CuPy: {!r}'.format(
+            GPU_SWITCH, getattr(cuda, '_resolution_error', None)))
+    device = chainer.get_device(spec)
+    device.use()
+    return device
 
 
 @pytest.fixture(scope='session')

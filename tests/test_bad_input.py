@@ -403,7 +403,7 @@ def test_visualize_gpu_without_cupy(tmp_path, fresh_model_path):
     kept = Unchanged(tmp_path / 'vis' / 'vis.png')
     assert_one_error(run('visualize.py', '--load', fresh_model_path, '-g', '0',
                          '-o', tmp_path / 'vis'),
-                     '@cupy:0', 'CuPy is not available', status=1)
+                     '@cupy:0', 'CuPy cannot be used here', status=1)
     kept.check()
 
 
@@ -411,7 +411,7 @@ def test_visualize_gpu_without_cupy(tmp_path, fresh_model_path):
 def test_predict_gpu_without_cupy(tmp_path, fresh_model_path):
     assert_one_error(run('predict.py', '--load', fresh_model_path, '-g', '0',
                          tmp_path / 'x.png'),
-                     '@cupy:0', 'CuPy is not available', status=2)
+                     '@cupy:0', 'CuPy cannot be used here', status=2)
 
 
 @needs_no_cupy
@@ -421,7 +421,7 @@ def test_experiments_gpu_without_cupy(tmp_path):
                  '1', '--rows', 'r1', '--out', out, '-g', '0',
                  '--data-dir', tmp_path / 'nowhere')
     assert_one_error(result, 'did not finish', status=1)
-    assert 'CuPy is not available' in result.stdout  # train.py's line
+    assert 'CuPy cannot be used here' in result.stdout  # train.py's line
 
 
 def test_train_unknown_device_specifier(tmp_path):

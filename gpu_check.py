@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""One GPU check: the GPU tests, speed beside PyTorch, a full-MNIST run.
+
+    python gpu_check.py --data-dir DATA/mnist --out gpu-check \\
+        [--torch-ref ../shared/bench/torch_capsnet.py] [--budget-minutes 8]
+
+Runs, each step as its own process, every result written to --out as soon
+as it exists (so an interrupted check keeps what it measured):
+
+1. environment.json: Python, NumPy, Chainer, CuPy, CUDA, the GPU's name and
+   which compat.py patches were applied;
+2. tests.log: ``CAPSNET_TEST_GPU=1 python -m pytest -q -m gpu``;
+3. benchmark-B.json for B in --batchsizes: ``benchmark.py --device D -b B
+   --json`` (the fast and the plain path), and beside it the PyTorch
+   reference's training samples/s, eager and torch.compile, on the same GPU
+   (torch-B-eager.txt, torch-B-compile.txt) when --torch-ref is given and
+   PyTorch can use the GPU;
+4. train/: ``train.py --device D --reconstruct`` on full MNIST (60,000 /
+   10,000) for as many epochs as the time left allows, judged from the
+   benchmark's speed (at least one), then evaluate.py and visualize.py on
+   the model;
+5. summary.json and summary.md: the figures above, per-epoch time and test
+   error.
+
+``--dry-run`` does the same on the CPU at toy sizes (the GPU tests run with
+CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
+script itself, not a measurement.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EPOCH_MARGIN = 1.35   # an epoch also evaluates 10,000 test images
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', '-d', default='@cupy:0',
+                        help='Chainer device to check (default @cupy:0)')
+    parser.add_argument('--data-dir', required=True,
+                        help='folder with the four MNIST *-ubyte.gz files')
+    parser.add_argument('--out', '-o', default='gpu-check',
+                        help='folder for every result of the check')
+    parser.add_argument('--torch-ref', default=None,
+                        help='PyTorch reference script (torch_capsnet.py) '
+                        'to time beside ours; skipped when not given')
+    parser.add_argument('--batchsizes', default='100,128',
+                        help='comma-separated batch sizes to benchmark')
+    parser.add_argument('--budget-minutes', type=float, default=8.0,
+                        help='time for the whole check; the training gets '
+                        'what the earlier steps leave (default 8)')
+    parser.add_argument('--max-epochs', type=int, default=50,
+                        help='never train longer than this')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='on the CPU at toy sizes: tests this script')
+    args = parser.parse_args(argv)
+    try:
+        args.batchsizes = [int(b) for b in args.batchsizes.split(',')]
+    except ValueError:
+        parser.error('--batchsizes must be integers separated by commas, '
+                     'got {!r}'.format(args.batchsizes))
+    if not args.batchsizes or min(args.batchsizes) <= 0:
+        parser.error('--batchsizes must be > 0')
+    if args.budget_minutes <= 0 or args.max_epochs <= 0:
+        parser.error('--budget-minutes and --max-epochs must be > 0')
+    if not os.path.isdir(args.data_dir):
+        parser.error('--data-dir {} is not a folder'.format(args.data_dir))
+    if args.dry_run:
+        args.device = '@numpy'
+    return args
+
+
+class Check:
+    """Runs the steps, keeps the time, writes results into one folder."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = os.path.abspath(args.out)
+        self.deadline = time.monotonic() + 60 * args.budget_minutes
+        self.summary = {'device': args.device, 'dry_run': args.dry_run,
+                        'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                        'steps': {}}
+        os.makedirs(self.out, exist_ok=True)
+
+    def seconds_left(self):
+        return self.deadline - time.monotonic()
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def write(self, name, text):
+        tmp = self.path(name) + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.replace(tmp, self.path(name))
+
+    def run(self, step, command, log, timeout, env=None):
+        """Run command, its output into log; record status and seconds."""
+        start = time.monotonic()
+        timeout = max(10, min(timeout, self.seconds_left()))
+        print('[{:5.0f} s left] {}: {}'.format(
+            self.seconds_left(), step, ' '.join(command)), flush=True)
+        try:
+            result = subprocess.run(
+                command, cwd=HERE, capture_output=True, text=True,
+                timeout=timeout, env=dict(os.environ, **(env or {})))
+            status, output = result.returncode, result.stdout + \
+                result.stderr
+        except subprocess.TimeoutExpired as e:
+            status = 'timeout after {:.0f} s'.format(timeout)
+            output = (e.stdout or b'').decode(errors='replace') if \
+                isinstance(e.stdout, bytes) else (e.stdout or '')
+        self.write(log, output)
+        self.summary['steps'][step] = {
+            'status': status, 'seconds': round(time.monotonic() - start, 1),
+            'log': log}
+        self.save_summary()
+        return status, output
+
+    def save_summary(self):
+        self.write('summary.json', json.dumps(self.summary, indent=1) + '\n')
+
+    # -- the steps ------------------------------------------------------
+
+    def environment(self):
+        code = ('import json, platform, numpy, compat, chainer\n'
+                'from chainer.backends import cuda\n'
+                'info = dict(python=platform.python_version(), '
+                'numpy=numpy.__version__, chainer=chainer.__version__, '
+                'compat_patches=list(compat.APPLIED), '
+                'cupy_available=cuda.available)\n'
+                'if cuda.available:\n'
+                '    import cupy\n'
+                '    p = cupy.cuda.runtime.getDeviceProperties(0)\n'
+                '    info.update(cupy=cupy.__version__, '
+                'gpu=getattr(p["name"], "decode", lambda: p["name"])(), '
+                'cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), '
+                'cuda_driver=cupy.cuda.runtime.driverGetVersion())\n'
+                'print(json.dumps(info))\n')
+        status, output = self.run('environment', [sys.executable, '-c', code],
+                                  'environment.log', 120)
+        info = {'machine': platform.node()}
+        if status == 0:
+            info.update(json.loads(output.strip().splitlines()[-1]))
+        self.summary['environment'] = info
+        self.write('environment.json', json.dumps(info, indent=1) + '\n')
+
+    def tests(self):
+        env = {'CAPSNET_TEST_GPU': '1', 'CAPSNET_SHARED_DATA':
+               os.path.dirname(os.path.abspath(self.args.data_dir))}
+        select = []
+        if self.args.dry_run:   # the units only: the rest trains on the CPU
+            env['CAPSNET_TEST_DEVICE'] = '@numpy'
+            select = ['-k', 'unit_matches_cpu']
+        status, output = self.run(
+            'gpu_tests', [sys.executable, '-m', 'pytest', '-q', '-m', 'gpu',
+                          '-p', 'no:cacheprovider', 'tests'] + select,
+            'tests.log', 0.35 * self.seconds_left(), env)
+        lines = [line for line in output.splitlines() if line.strip()]
+        self.summary['steps']['gpu_tests']['result'] = \
+            lines[-1] if lines else ''
+        self.save_summary()
+
+    def benchmark(self):
+        args = self.args
+        repeats = ['--repeats', '1', '--warmup', '1'] if args.dry_run else \
+            ['--repeats', '20', '--warmup', '3']
+        self.summary['benchmark'] = {}
+        for batch in args.batchsizes:
+            name = 'benchmark-{}'.format(batch)
+            status, output = self.run(
+                name, [sys.executable, 'benchmark.py', '--device', args.device,
+                       '-b', str(batch), '--json'] + repeats,
+                name + '.log', 300)
+            row = {}
+            if status == 0:
+                row = json.loads(output.strip().splitlines()[-1])
+                self.write(name + '.json', json.dumps(row, indent=1) + '\n')
+            if args.torch_ref:
+                # torch.compile takes about a minute: once, at the first size
+                row.update(self.torch_reference(
+                    batch, compiled=batch == args.batchsizes[0]))
+            self.summary['benchmark'][str(batch)] = row
+            self.save_summary()
+
+    def torch_reference(self, batch, compiled):
+        device = 'cpu' if self.args.dry_run else 'cuda'
+        steps = '2' if self.args.dry_run else '50'
+        found = {}
+        for mode in ('eager', 'compile'):
+            if mode == 'compile' and (self.args.dry_run or not compiled):
+                continue   # compiling for the CPU takes minutes
+            name = 'torch-{}-{}'.format(batch, mode)
+            command = [sys.executable, os.path.abspath(self.args.torch_ref),
+                       str(batch), steps, device]
+            if mode == 'compile':
+                command.append('compile')
+            status, output = self.run(name, command, name + '.txt', 240)
+            for line in output.splitlines():
+                if line.endswith('samples/s'):
+                    found['torch_{}_samples_per_s'.format(mode)] = float(
+                        line.split()[0])
+        return found
+
+    def epochs_that_fit(self, seconds):
+        """Training epochs that fit in ``seconds``, from the benchmark."""
+        row = self.summary.get('benchmark', {}).get('100', {})
+        speed = row.get('train_samples_per_s')
+        if not speed:
+            return 1
+        epoch_s = EPOCH_MARGIN * 60000 / speed + 20
+        return int(max(1, min(self.args.max_epochs, seconds // epoch_s)))
+
+    def training(self):
+        args = self.args
+        folder = self.path('train')
+        model = self.path('model.npz')
+        sizes = ['--train-size', '300', '--test-size', '200'] if \
+            args.dry_run else []
+        # keep a minute for evaluate.py and visualize.py afterwards
+        epochs = 1 if args.dry_run else self.epochs_that_fit(
+            self.seconds_left() - 75)
+        self.summary['training'] = {'epochs_planned': epochs}
+        status, _ = self.run(
+            'train', [sys.executable, 'train.py', '--device', args.device,
+                      '--data-dir', args.data_dir, '--reconstruct',
+                      '-e', str(epochs), '-o', folder, '--save', model,
+                      '--no-progress'] + sizes,
+            'train.log', self.seconds_left() - 45)
+        log_path = os.path.join(folder, 'log')
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                log = json.load(f)
+            elapsed = [entry['elapsed_time'] for entry in log]
+            self.summary['training'].update(
+                epochs_done=len(log),
+                seconds_per_epoch=[round(b - a, 1) for a, b in
+                                   zip([0] + elapsed[:-1], elapsed)],
+                test_error_percent=[round(100 * (1 - entry[
+                    'test/main/accuracy']), 2) for entry in log])
+        self.save_summary()
+        if status == 0 and os.path.exists(model):
+            self.run('evaluate', [sys.executable, 'evaluate.py', '--device',
+                                  args.device, '--load', model, '--data-dir',
+                                  args.data_dir, '-o', self.path('eval')] +
+                     (['--test-size', '200'] if args.dry_run else []),
+                     'evaluate.log', 120)
+            self.run('visualize', [sys.executable, 'visualize.py',
+                                   '--device', args.device, '--load', model,
+                                   '--data-dir', args.data_dir, '-o',
+                                   self.path('vis')], 'visualize.log', 120)
+
+    def report(self):
+        s = self.summary
+        lines = ['# GPU check, {} ({})'.format(
+            s['environment'].get('gpu', s['device']), s['started']), '',
+            'environment: ' + json.dumps(s['environment']), '',
+            '| step | status | seconds |', '| --- | --- | --- |']
+        lines += ['| {} | {} | {} |'.format(name, step['status'],
+                                            step['seconds'])
+                  for name, step in s['steps'].items()]
+        if 'gpu_tests' in s['steps']:
+            lines += ['', 'tests: ' + s['steps']['gpu_tests'].get('result',
+                                                                   '')]
+        lines += ['', '| batch | ours fast train/s | ours plain train/s | '
+                  'PyTorch eager train/s | PyTorch compiled train/s | ours '
+                  'fast eval/s | peak GPU MB |', '| --- ' * 7 + '|']
+        for batch, row in s.get('benchmark', {}).items():
+            lines.append('| {} | {} | {} | {} | {} | {} | {} |'.format(
+                batch, row.get('train_samples_per_s'),
+                row.get('plain_train_samples_per_s'),
+                row.get('torch_eager_samples_per_s'),
+                row.get('torch_compile_samples_per_s'),
+                row.get('eval_samples_per_s'), row.get('peak_gpu_mb')))
+        training = s.get('training', {})
+        if training.get('epochs_done'):
+            lines += ['', 'full-MNIST training, --reconstruct: {} epochs'
+                      .format(training['epochs_done']), '',
+                      '| epoch | seconds | test error % |',
+                      '| --- | --- | --- |']
+            lines += ['| {} | {} | {} |'.format(i + 1, sec, err)
+                      for i, (sec, err) in enumerate(zip(
+                          training['seconds_per_epoch'],
+                          training['test_error_percent']))]
+        self.write('summary.md', '\n'.join(lines) + '\n')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check = Check(args)
+    try:
+        check.environment()
+        check.benchmark()   # first: its speed sizes the training run
+        check.tests()
+        check.training()
+    except KeyboardInterrupt:
+        print('interrupted; the results so far are in {}'.format(check.out),
+              file=sys.stderr)
+        check.summary['interrupted'] = True
+        check.save_summary()
+        check.report()
+        return 130
+    check.report()
+    print(open(check.path('summary.md')).read())
+    failed = [name for name, step in check.summary['steps'].items()
+              if step['status'] != 0]
+    if failed:
+        print('steps that did not succeed: {}'.format(', '.join(failed)),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

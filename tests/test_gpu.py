@@ -1,0 +1,352 @@
+"""The GPU path (CuPy) against the CPU: units, networks, files, tools.
+
+Off unless CAPSNET_TEST_GPU=1 (see conftest.py); CAPSNET_TEST_DEVICE=@numpy
+runs the same code on the CPU as a dry run.
+
+Tolerances. Both devices compute in float32. CuPy's matrix products use
+cuBLAS SGEMM without TF32 (CuPy enables TF32 only when CUPY_TF32=1, which
+these tests refuse), and cuDNN is not used (CuPy 14 has none). What differs
+is the order of summation (cuBLAS and CuPy reductions against OpenBLAS and
+NumPy), so values agree to a few float32 ulps per operation: elementwise
+units and routing are compared at rtol 1e-4, whole networks (convolutions
+summing 20,736 products per output) at rtol 1e-3. Gradient checks run in
+float64 on the device itself.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import chainer
+import chainer.functions as F
+from chainer import gradient_check
+
+import fast_ops
+import nets
+
+pytestmark = pytest.mark.gpu
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNIT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+NETWORK_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
+CPU = chainer.get_device('@numpy')
+
+
+def random(*shape, seed=0, scale=1.0, dtype=numpy.float32):
+    return numpy.asarray(numpy.random.RandomState(seed).randn(*shape)
+                         * scale, dtype=dtype)
+
+
+def to_cpu(array):
+    return CPU.send(array)
+
+
+def run_unit(device, function, inputs, grad_seed=9):
+    """Forward and backward of function(*inputs) on device.
+
+    Returns (outputs, input gradients) as NumPy arrays; the upstream
+    gradient is the same random array on every device.
+    """
+    variables = [chainer.Variable(device.send(x)) for x in inputs]
+    outputs = function(*variables)
+    if not isinstance(outputs, tuple):
+        outputs = (outputs,)
+    first = outputs[0]
+    first.grad = device.send(random(*first.shape, seed=grad_seed))
+    first.backward()
+    return ([to_cpu(getattr(y, 'array', y)) for y in outputs],
+            [to_cpu(v.grad) for v in variables])
+
+
+def assert_same_on_both(device, function, inputs, tolerance=UNIT_TOLERANCE):
+    on_cpu = run_unit(CPU, function, inputs)
+    on_device = run_unit(device, function, inputs)
+    for cpu_arrays, device_arrays in zip(on_cpu, on_device):
+        for expected, actual in zip(cpu_arrays, device_arrays):
+            numpy.testing.assert_allclose(actual, expected, **tolerance)
+
+
+def test_no_tf32():
+    assert os.environ.get('CUPY_TF32', '0') == '0', \
+        'CUPY_TF32=1 would make GEMMs round to 10-bit mantissas'
+
+
+UNITS = {
+    'squash': (lambda s: nets.squash(s), [(4, 5, 8)]),
+    'safe_norm': (lambda v: nets.safe_norm(v, axis=2), [(4, 10, 16)]),
+    'prediction_vectors': (nets.prediction_vectors,
+                           [(3, 12, 8), (12, 10, 16, 8)]),
+    'dynamic_routing': (lambda u_hat: nets.dynamic_routing(u_hat, 3),
+                        [(3, 12, 10, 16)]),
+    'decoder': (None, [(3, 160)]),
+    'reconstruction_loss': (nets.reconstruction_loss, [(3, 784), (3, 784)]),
+}
+
+
+@pytest.mark.parametrize('name', sorted(UNITS))
+def test_unit_matches_cpu(gpu_device, name):
+    function, shapes = UNITS[name]
+    if name == 'decoder':
+        numpy.random.seed(0)
+        decoder = nets.Decoder(160, 784)
+        decoder_on_device = decoder.copy(mode='copy')
+        decoder_on_device.to_device(gpu_device)
+        inputs = [random(*shapes[0], scale=0.3)]
+        on_cpu = run_unit(CPU, decoder, inputs)
+        on_device = run_unit(gpu_device, decoder_on_device, inputs)
+        for expected, actual in zip(on_cpu[0] + on_cpu[1],
+                                    on_device[0] + on_device[1]):
+            numpy.testing.assert_allclose(actual, expected, **UNIT_TOLERANCE)
+        return
+    inputs = [random(*shape, seed=i, scale=0.3)
+              for i, shape in enumerate(shapes)]
+    assert_same_on_both(gpu_device, function, inputs)
+
+
+def test_margin_loss_and_mask_match_cpu(gpu_device):
+    lengths = numpy.random.RandomState(0).rand(6, 10).astype(numpy.float32)
+    labels = numpy.array([0, 3, 9, 3, 1, 7], dtype=numpy.int32)
+    for device in (CPU, gpu_device):
+        x = chainer.Variable(device.send(lengths))
+        loss = nets.margin_loss(x, device.send(labels))
+        loss.backward()
+        if device is CPU:
+            expected = (to_cpu(loss.array), to_cpu(x.grad))
+    numpy.testing.assert_allclose(to_cpu(loss.array), expected[0],
+                                  **UNIT_TOLERANCE)
+    numpy.testing.assert_allclose(to_cpu(x.grad), expected[1],
+                                  **UNIT_TOLERANCE)
+    v = random(6, 10, 16)
+    masked = nets.mask(gpu_device.send(v), gpu_device.send(labels))
+    expected = nets.mask(v, labels).array
+    numpy.testing.assert_array_equal(to_cpu(masked.array), expected)
+
+
+@pytest.mark.parametrize('name', ['squash', 'routing', 'fast_routing'])
+def test_gradient_check_on_device(gpu_device, name):
+    def routing(u, W):
+        return nets.dynamic_routing(nets.prediction_vectors(u, W), 3)[0]
+
+    def fast_routing(u, W):
+        return fast_ops.digit_capsules(u, W, 3)[0]
+
+    if name == 'squash':
+        function, inputs, out_shape = nets.squash, [random(3, 4, 5)], (3, 4, 5)
+    else:
+        function = routing if name == 'routing' else fast_routing
+        inputs = [random(2, 6, 4, scale=0.5),
+                  random(6, 3, 5, 4, seed=1, scale=0.5)]
+        out_shape = (2, 3, 5)
+    inputs = [gpu_device.send(x.astype(numpy.float64)) for x in inputs]
+    gy = gpu_device.send(random(*out_shape, seed=2, dtype=numpy.float64))
+    gradient_check.check_backward(function, tuple(inputs), gy,
+                                  dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
+def capsnet_loss_and_grads(model, device, x, t):
+    model = model.copy(mode='copy')
+    model.to_device(device)
+    model.cleargrads()
+    with chainer.using_config('train', True):
+        loss = model(device.send(x), device.send(t))
+    loss.backward()
+    grads = {name: to_cpu(p.grad) for name, p in model.namedparams()}
+    return float(to_cpu(loss.array)), grads
+
+
+def mnist_like_batch(batch, seed=0):
+    random_state = numpy.random.RandomState(seed)
+    x = random_state.rand(batch, 1, 28, 28).astype(numpy.float32)
+    t = random_state.randint(0, 10, batch).astype(numpy.int32)
+    return x, t
+
+
+def assert_same_losses_and_grads(first, second, tolerance):
+    numpy.testing.assert_allclose(first[0], second[0], **tolerance)
+    assert sorted(first[1]) == sorted(second[1])
+    for name in first[1]:
+        scale = numpy.abs(first[1][name]).max()
+        numpy.testing.assert_allclose(
+            second[1][name], first[1][name], rtol=tolerance['rtol'],
+            atol=tolerance['rtol'] * scale, err_msg=name)
+
+
+def test_capsnet_plain_path_on_device_matches_cpu(gpu_device):
+    numpy.random.seed(0)
+    model = nets.CapsNet(reconstruct=True, fast=False)
+    x, t = mnist_like_batch(4)
+    assert_same_losses_and_grads(capsnet_loss_and_grads(model, CPU, x, t),
+                                 capsnet_loss_and_grads(model, gpu_device,
+                                                        x, t),
+                                 NETWORK_TOLERANCE)
+
+
+def test_fast_routing_on_device_matches_plain_on_device(gpu_device):
+    numpy.random.seed(0)
+    plain = nets.CapsNet(reconstruct=True, fast=False)
+    fast = plain.copy(mode='copy')
+    fast.fast = None   # what --impl auto gives
+    x, t = mnist_like_batch(4, seed=1)
+    fast_on_device = fast.copy(mode='copy')
+    fast_on_device.to_device(gpu_device)
+    assert fast_on_device._use_fast()
+    assert_same_losses_and_grads(
+        capsnet_loss_and_grads(plain, gpu_device, x, t),
+        capsnet_loss_and_grads(fast, gpu_device, x, t), UNIT_TOLERANCE)
+    # the coupling coefficients too
+    u = gpu_device.send(random(3, 1152, 8, scale=0.2))
+    W = fast_on_device.W
+    v_fast, c_fast = fast_ops.digit_capsules(u, W, 3)
+    v_plain, c_plain = nets.dynamic_routing(nets.prediction_vectors(u, W), 3)
+    numpy.testing.assert_allclose(to_cpu(v_fast.array),
+                                  to_cpu(v_plain.array), **UNIT_TOLERANCE)
+    numpy.testing.assert_allclose(to_cpu(c_fast), to_cpu(c_plain.array),
+                                  **UNIT_TOLERANCE)
+
+
+def test_baseline_on_device_matches_cpu(gpu_device):
+    numpy.random.seed(0)
+    model = nets.BaselineCNN(dropout=0.0, fast=False)
+    x, t = mnist_like_batch(4, seed=2)
+    assert_same_losses_and_grads(capsnet_loss_and_grads(model, CPU, x, t),
+                                 capsnet_loss_and_grads(model, gpu_device,
+                                                        x, t),
+                                 NETWORK_TOLERANCE)
+
+
+def test_baseline_fast_kernels_are_refused_on_the_gpu(gpu_device):
+    if gpu_device.xp is numpy:
+        pytest.skip('dry run on the CPU, where the fast kernels are allowed')
+    model = nets.BaselineCNN(input_size=28, fast=True)
+    model.to_device(gpu_device)
+    x, t = mnist_like_batch(2)
+    with pytest.raises(RuntimeError, match='CPU-only'):
+        model(gpu_device.send(x), gpu_device.send(t))
+    result = run_tool('train.py', '--device', str(gpu_device), '--arch',
+                      'baseline', '--impl', 'fast', '-o', 'unused')
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'CPU-only' in lines[0], result.stderr
+
+
+def test_model_files_move_between_devices(gpu_device, tmp_path):
+    x, t = mnist_like_batch(8, seed=3)
+    for train_on, test_on in ((gpu_device, CPU), (CPU, gpu_device)):
+        numpy.random.seed(0)
+        model = nets.CapsNet(reconstruct=True)
+        model.to_device(train_on)
+        optimizer = chainer.optimizers.Adam()
+        optimizer.setup(model)
+        for _ in range(2):
+            model.cleargrads()
+            model(train_on.send(x), train_on.send(t)).backward()
+            optimizer.update()
+        path = str(tmp_path / 'model-{}.npz'.format(train_on.xp.__name__))
+        nets.save_model(path, model)
+        _, lengths_before = model.predict(train_on.send(x))
+        loaded = nets.load_model(path)
+        loaded.to_device(test_on)
+        _, lengths_after = loaded.predict(test_on.send(x))
+        numpy.testing.assert_allclose(to_cpu(lengths_after),
+                                      to_cpu(lengths_before),
+                                      **NETWORK_TOLERANCE)
+
+
+# -- the tools on the device ------------------------------------------------
+
+def run_tool(tool, *args, env=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, tool)] + [str(a) for a in args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, **(env or {})))
+
+
+def assert_ran(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+
+
+def read_log(out):
+    with open(os.path.join(out, 'log')) as f:
+        return json.load(f)
+
+
+def tiny_training(device, out, mnist_dir, *more):
+    return run_tool('train.py', '--device', device, '--data-dir', mnist_dir,
+                    '--train-size', 200, '--test-size', 100, '-b', 50,
+                    '--no-progress', '-o', out, *more)
+
+
+def test_resume_across_devices(gpu_device, mnist_dir, tmp_path):
+    for order, (first, second) in enumerate(((str(gpu_device), '@numpy'),
+                                             ('@numpy', str(gpu_device)))):
+        out = tmp_path / 'run{}'.format(order)
+        assert_ran(tiny_training(first, out, mnist_dir, '-e', 1,
+                                 '--reconstruct'))
+        assert_ran(tiny_training(second, out, mnist_dir, '-e', 2,
+                                 '--reconstruct', '--autoload'))
+        log = read_log(out)
+        assert [entry['epoch'] for entry in log] == [1, 2]
+        assert all(numpy.isfinite(entry['main/loss']) for entry in log)
+
+
+def test_train_visualize_evaluate_predict_on_device(gpu_device, mnist_dir,
+                                                    tmp_path):
+    device = str(gpu_device)
+    model_path = tmp_path / 'model.npz'
+    assert_ran(tiny_training(device, tmp_path / 'run', mnist_dir, '-e', 2,
+                             '--reconstruct', '--save', model_path))
+    final = json.loads((tmp_path / 'run' / 'final.json').read_text())
+    assert final['final_test_error'] < 0.9
+
+    assert_ran(run_tool('visualize.py', '--device', device, '--load',
+                        model_path, '--data-dir', mnist_dir, '-o',
+                        tmp_path / 'vis'))
+    assert (tmp_path / 'vis' / 'vis.png').stat().st_size > 0
+
+    reports = {}
+    for where in (device, '@numpy'):
+        result = run_tool('evaluate.py', '--device', where, '--load',
+                          model_path, '--data-dir', mnist_dir, '--test-size',
+                          500, '--json', '-o', tmp_path / 'eval')
+        assert_ran(result)
+        reports[where] = json.loads(result.stdout.strip().splitlines()[-1])
+    # the same weights on both devices: the same answers but for examples
+    # whose two longest capsules are within float32 noise of each other
+    assert abs(reports[device]['errors'] - reports['@numpy']['errors']) <= 2
+
+    from PIL import Image
+    image = tmp_path / 'digit.png'
+    Image.fromarray((numpy.eye(28) * 255).astype(numpy.uint8)).save(image)
+    result = run_tool('predict.py', '--device', device, '--load', model_path,
+                      '--json', image)
+    assert_ran(result)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= answer['prediction'] <= 9 and len(answer['lengths']) == 10
+
+
+def test_seed_repeats_a_gpu_baseline_run(gpu_device, mnist_dir, tmp_path):
+    """Dropout on the GPU draws from CuPy's generator, seeded by --seed."""
+    logs = []
+    for name in ('a', 'b'):
+        out = tmp_path / name
+        assert_ran(tiny_training(str(gpu_device), out, mnist_dir, '-e', 1,
+                                 '--arch', 'baseline', '--seed', 5))
+        logs.append(read_log(out)[0])
+    for key in ('main/loss', 'main/accuracy', 'test/main/loss'):
+        assert logs[0][key] == logs[1][key], key
+
+
+def test_benchmark_on_device_prints_its_json_line(gpu_device):
+    result = run_tool('benchmark.py', '--device', str(gpu_device), '-b', 8,
+                      '--repeats', 1, '--warmup', 1, '--json')
+    assert_ran(result)
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line['device'] == str(gpu_device)
+    assert line['train_samples_per_s'] > 0
+    assert line['plain_train_samples_per_s'] > 0
+    if gpu_device.xp is not numpy:
+        assert line['peak_gpu_mb'] > 0 and line['gpu']
