@@ -9,7 +9,6 @@ training step is forward, backward and Adam's update, with reconstruction
 and 3 routing iterations (the paper's MNIST model). The fast path runs
 first so that the peak resident memory it reports is its own.
 """
-import argparse
 import json
 import os
 import platform
@@ -18,34 +17,31 @@ import statistics
 import sys
 import time
 
+import cli  # standard library only: NumPy is imported after --threads
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--batchsize', '-b', type=int, default=100)
-    parser.add_argument('--eval-batchsize', type=int, default=None,
-                        help='default: same as --batchsize')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='BLAS threads (default: the BLAS default)')
-    parser.add_argument('--repeats', type=int, default=5,
-                        help='timed steps per measurement')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--routing', type=int, default=3)
-    parser.add_argument('--no-plain', action='store_true',
-                        help='time only the fast path')
-    parser.add_argument('--json', action='store_true',
-                        help='end with one line holding a JSON object')
-    parser.add_argument('--default-malloc', action='store_true',
-                        help='leave glibc returning freed memory to the '
-                        'system (see fast_ops.keep_freed_memory)')
-    args = parser.parse_args(argv)
-    for name in ('batchsize', 'eval_batchsize', 'threads', 'repeats',
-                 'routing'):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error('--{} must be > 0'.format(name.replace('_', '-')))
-    if args.warmup < 0:
-        parser.error('--warmup must be >= 0')
-    return args
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add('--batchsize', '-b', type=cli.positive_int, default=100,
+        help='examples per training step')
+    add('--eval-batchsize', type=cli.positive_int, default=None,
+        help='examples per evaluation step (default: --batchsize)')
+    add('--threads', type=cli.positive_int, default=None,
+        help='BLAS threads (default: the BLAS default)')
+    add('--repeats', type=cli.positive_int, default=5,
+        help='timed steps per measurement')
+    add('--warmup', type=cli.non_negative_int, default=2,
+        help='untimed steps before each measurement')
+    add('--routing', type=cli.positive_int, default=3,
+        help='routing iterations r')
+    add('--no-plain', action='store_true', help='time only the fast path')
+    add('--json', action='store_true',
+        help='end with one line holding a JSON object')
+    add('--default-malloc', action='store_true',
+        help='leave glibc returning freed memory to the system (see '
+             'fast_ops.keep_freed_memory)')
+    return parser.parse_args(argv)
 
 
 def peak_rss_mb():
@@ -98,6 +94,7 @@ def main(argv=None):
     import numpy
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
+    import datasets
     import fast_ops
     import nets
 
@@ -140,9 +137,10 @@ def main(argv=None):
               .format(train_p, eval_p))
         print('fast/plain: train {:.2f}x   eval {:.2f}x'.format(
             result['train_speedup'], result['eval_speedup']))
-    seconds_per_epoch = 60000 / train
-    print('fast path, 60,000 training images: about {:.1f} min/epoch of '
-          'training steps (evaluation extra)'.format(seconds_per_epoch / 60))
+    seconds_per_epoch = datasets.TRAIN_SIZE / train
+    print('fast path, {:,} training images: about {:.1f} min/epoch of '
+          'training steps (evaluation extra)'.format(datasets.TRAIN_SIZE,
+                                                     seconds_per_epoch / 60))
     if args.json:
         print(json.dumps(result))
     sys.stdout.flush()

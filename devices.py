@@ -1,0 +1,50 @@
+"""Running a model on a device: the tools' device choice (``--device``),
+inference over many batches, and copying results back to NumPy."""
+import contextlib
+
+import numpy
+
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import chainer
+from chainer import backend
+
+import cli
+import fast_ops
+
+
+def select_device(args, status=1):
+    """chainer Device for ``args.device`` (--device/-d or --gpu/-g), or exit
+    with one line.
+
+    On the CPU it also lets malloc keep freed memory for the next batch
+    (``fast_ops.keep_freed_memory``), which doubles training speed there.
+    """
+    spec = cli.device_spec(args.device)
+    if 'cupy' in spec:
+        from chainer.backends import cuda
+        if not cuda.available:
+            cli.fail('{} needs CuPy with a working CUDA GPU, and CuPy is not '
+                     'available; install cupy-cuda12x or run on the CPU with '
+                     '-d @numpy'.format(spec), status)
+    try:
+        device = chainer.get_device(spec)
+        device.use()
+    except Exception as e:  # chainer raises several kinds here
+        cli.fail('cannot use device {}: {}; check --device/-d'.format(
+            spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
+            status)
+    if device.xp is numpy:
+        fast_ops.keep_freed_memory()  # its docstring says why
+    return device
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Test mode, no graph, and the model's fixed-weight context."""
+    with chainer.using_config('train', False), chainer.no_backprop_mode(), \
+            model.inference():
+        yield
+
+
+def to_cpu(array):
+    return numpy.asarray(backend.CpuDevice().send(array))
