@@ -7,8 +7,8 @@ convolutional layers are followed by two fully connected layers of size
 class softmax layer with cross entropy loss." and "In terms of number of
 parameters the baseline has 35.4M compared to 8.2M of CapsNet".
 
-This module imports only Chainer (not ``nets``), because ``nets`` imports
-it to register the network as ``nets.ARCHITECTURES['baseline']``.
+This module imports Chainer and ``fast_ops`` (not ``nets``), because ``nets``
+imports it to register the network as ``nets.ARCHITECTURES['baseline']``.
 """
 import contextlib
 
@@ -20,23 +20,12 @@ import chainer.functions as F
 import chainer.links as L
 from chainer import reporter
 
+import fast_ops
+
 CONV_CHANNELS = (256, 256, 128)
 KERNEL = 5
 PAD = 2  # 'same' padding for the 5x5 kernels: the side stays input_size
 FC_SIZES = (328, 192)
-
-
-def parameter_count(input_size=28, n_classes=10):
-    """Number of parameters of ``BaselineCNN(input_size, n_classes)``."""
-    count, channels = 0, 1
-    for out in CONV_CHANNELS:
-        count += channels * out * KERNEL * KERNEL + out
-        channels = out
-    features = channels * input_size * input_size
-    for out in FC_SIZES + (n_classes,):
-        count += features * out + out
-        features = out
-    return count
 
 
 class BaselineCNN(chainer.Chain):
@@ -114,7 +103,6 @@ class BaselineCNN(chainer.Chain):
     def inference(self):
         """Context for inference over many batches with fixed weights."""
         if self._use_fast():
-            import fast_ops
             return fast_ops.fixed_weights()
         return contextlib.nullcontext()
 
@@ -129,7 +117,6 @@ class BaselineCNN(chainer.Chain):
             for conv in convolutions:
                 h = F.relu(conv(h))
             return h
-        import fast_ops
         # (H, W, B, C) arrays; the 5x5 'same' convolutions on 256 channels
         # cost far fewer multiply-adds per frequency than per tap
         h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),

@@ -3,6 +3,7 @@
 
     python benchmark.py --batchsize 100 --json
     python benchmark.py --device @cupy:0 --batchsize 100 --json    # GPU 0
+    python benchmark.py --device @cupy:0 --profile                 # where to?
 
 Both implementations run in this one process on the same parameters and
 data, after warm-up, over several repeats; the median is reported. A
@@ -13,7 +14,6 @@ every timed call ends with a device synchronisation, and the peak GPU
 memory is the CuPy memory pool's high-water mark for each path (the pool is
 emptied in between).
 """
-import argparse
 import json
 import os
 import platform
@@ -22,37 +22,38 @@ import statistics
 import sys
 import time
 
+import cli  # standard library only: NumPy is imported after --threads
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--batchsize', '-b', type=int, default=100)
-    parser.add_argument('--device', '-d', default='@numpy',
-                        help='Chainer device: @numpy (CPU, the default) or '
-                        '@cupy:N for GPU N')
-    parser.add_argument('--eval-batchsize', type=int, default=None,
-                        help='default: same as --batchsize')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='BLAS threads (default: the BLAS default)')
-    parser.add_argument('--repeats', type=int, default=5,
-                        help='timed steps per measurement')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--routing', type=int, default=3)
-    parser.add_argument('--no-plain', action='store_true',
-                        help='time only the fast path')
-    parser.add_argument('--json', action='store_true',
-                        help='end with one line holding a JSON object')
-    parser.add_argument('--default-malloc', action='store_true',
-                        help='leave glibc returning freed memory to the '
-                        'system (see fast_ops.keep_freed_memory)')
-    args = parser.parse_args(argv)
-    for name in ('batchsize', 'eval_batchsize', 'threads', 'repeats',
-                 'routing'):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error('--{} must be > 0'.format(name.replace('_', '-')))
-    if args.warmup < 0:
-        parser.error('--warmup must be >= 0')
-    return args
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add('--batchsize', '-b', type=cli.positive_int, default=100,
+        help='examples per training step')
+    add('--device', '-d', default='@numpy',
+        help='Chainer device: @numpy (CPU, the default) or @cupy:N for GPU '
+             'N')
+    add('--eval-batchsize', type=cli.positive_int, default=None,
+        help='examples per evaluation step (default: --batchsize)')
+    add('--threads', type=cli.positive_int, default=None,
+        help='BLAS threads (default: the BLAS default)')
+    add('--repeats', type=cli.positive_int, default=5,
+        help='timed steps per measurement')
+    add('--warmup', type=cli.non_negative_int, default=2,
+        help='untimed steps before each measurement')
+    add('--routing', type=cli.positive_int, default=3,
+        help='routing iterations r')
+    add('--no-plain', action='store_true', help='time only the fast path')
+    add('--profile', action='store_true',
+        help='also break a fast training step down by Chainer function '
+             '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '
+             'and time the host side of a step alone')
+    add('--json', action='store_true',
+        help='end with one line holding a JSON object')
+    add('--default-malloc', action='store_true',
+        help='leave glibc returning freed memory to the system (see '
+             'fast_ops.keep_freed_memory)')
+    return parser.parse_args(argv)
 
 
 def peak_rss_mb():
@@ -101,6 +102,54 @@ def measure(model, optimizer, x, t, x_eval, args, synchronize):
     return len(x) / train_s, len(x_eval) / eval_s
 
 
+def profile(model, optimizer, x, t, args, synchronize):
+    """Where a training step's time goes, as a dict for the JSON line.
+
+    ``functions``: milliseconds per step of each Chainer function type,
+    forward and backward together (TimerHook synchronises around every
+    function, so these add up to more than an unhooked step);
+    ``update_ms``: Adam's update; ``host_ms``: a step without waiting for
+    the device (the Python and launch side alone; on the CPU the same as
+    the step).
+    """
+    from chainer.function_hooks import TimerHook
+
+    def forward_backward():
+        model.cleargrads()
+        model(x, t).backward()
+
+    def step():
+        forward_backward()
+        optimizer.update()
+
+    forward_backward()
+    hook = TimerHook()
+    with hook:
+        for _ in range(args.repeats):
+            forward_backward()
+    synchronize()
+    functions = {name: round(1000 * entry['elapsed_time'] / args.repeats, 3)
+                 for name, entry in hook.summary().items()}
+    update_s = time_calls(optimizer.update, 1, args.repeats, synchronize)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        step()
+    host_s = (time.perf_counter() - start) / args.repeats
+    synchronize()
+    ranked = sorted(functions.items(), key=lambda item: -item[1])
+    print('profile of a fast training step (ms per step; forward + '
+          'backward per function type):')
+    for name, ms in ranked:
+        print('  {:32s} {:9.3f}'.format(name, ms))
+    print('  {:32s} {:9.3f}'.format('(Adam update)', 1000 * update_s))
+    print('  host side of a whole step, unsynchronised: {:.3f} ms'.format(
+        1000 * host_s))
+    return {'functions_ms': dict(ranked),
+            'update_ms': round(1000 * update_s, 3),
+            'host_ms': round(1000 * host_s, 3)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -111,6 +160,7 @@ def main(argv=None):
     import numpy
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
+    import datasets
     import fast_ops
     import nets
 
@@ -195,9 +245,14 @@ def main(argv=None):
               .format(train_p, eval_p, memory))
         print('fast/plain: train {:.2f}x   eval {:.2f}x'.format(
             result['train_speedup'], result['eval_speedup']))
-    seconds_per_epoch = 60000 / train
-    print('fast path, 60,000 training images: about {:.1f} min/epoch of '
-          'training steps (evaluation extra)'.format(seconds_per_epoch / 60))
+    if args.profile:
+        model.fast = True
+        result['profile'] = profile(model, optimizer, x, t, args,
+                                    synchronize)
+    seconds_per_epoch = datasets.TRAIN_SIZE / train
+    print('fast path, {:,} training images: about {:.1f} min/epoch of '
+          'training steps (evaluation extra)'.format(datasets.TRAIN_SIZE,
+                                                     seconds_per_epoch / 60))
     if args.json:
         print(json.dumps(result))
     sys.stdout.flush()

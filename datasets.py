@@ -8,7 +8,6 @@ Every file is checked against its published md5 before use, so a truncated or
 corrupt copy is reported (DatasetError, one line) instead of silently
 training on garbage.
 """
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -24,6 +23,8 @@ import numpy
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
+
+import cli
 
 TRAIN_IMAGES = 'train-images-idx3-ubyte.gz'
 TRAIN_LABELS = 'train-labels-idx1-ubyte.gz'
@@ -65,6 +66,7 @@ TIMEOUT = 60  # seconds per connection attempt / blocking read
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
 IMAGE_SIZE = 28
+TRAIN_SIZE, TEST_SIZE = 60000, 10000  # examples, in both datasets
 _CHUNK = 1 << 20
 _CACHE_FIX = ('delete it and run again to re-download, '
               'or pass --data-dir with a good copy')
@@ -302,6 +304,11 @@ def _to_dataset(images, labels, input_size):
     return chainer.datasets.TupleDataset(x, labels.astype(numpy.int32))
 
 
+def to_arrays(dataset):
+    """(x, t): the image and label arrays of a dataset from get_mnist_like."""
+    return chainer.dataset.concat_examples(dataset[:])
+
+
 def get_mnist_like(name='mnist', data_dir=None, train_size=None,
                    test_size=None, validation=0, input_size=28, root=None):
     """Load MNIST or Fashion-MNIST as (train, validation, test).
@@ -391,7 +398,7 @@ def random_shift(x, max_shift, random_state):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dataset', default='mnist',
                         help='one of: ' + ', '.join(DATASETS))
     parser.add_argument('--data-dir', help='folder with the four .gz files '

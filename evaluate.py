@@ -2,7 +2,7 @@
 """Evaluate a trained model on the MNIST (or Fashion-MNIST) test set.
 
     python evaluate.py --load model                     # CPU, 10,000 images
-    python evaluate.py -g 0 --load model --out eval --json
+    python evaluate.py -d @cupy:0 --load model --out eval --json
 
 Prints the test error with its count (``test error 0.52% (52 of 10000)``),
 a per-class error table and the mean digit-capsule length of the true class
@@ -26,14 +26,14 @@ import sys
 
 import numpy
 
-import matplotlib
-matplotlib.use('Agg')
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure
 
-import datasets  # noqa: E402
-import cli  # noqa: E402
-import visualize  # noqa: E402
-from cli import fail  # noqa: E402
+import cli
+import datasets
+import devices
+import figures
+import model_io
+from cli import fail
 
 MAX_SHOWN = 100
 SHOWN_COLS = 10
@@ -44,11 +44,11 @@ def run_model(model, x, device, batchsize):
     numpy: the capsule lengths of a CapsNet, the softmax probabilities of
     the baseline."""
     predictions, scores = [], []
-    with visualize.inference_mode(model):
+    with devices.inference_mode(model):
         for i in range(0, len(x), batchsize):
             p, s = model.predict(device.send(x[i:i + batchsize]))
-            predictions.append(visualize.to_cpu(p))
-            scores.append(visualize.to_cpu(s))
+            predictions.append(devices.to_cpu(p))
+            scores.append(devices.to_cpu(s))
     return (numpy.concatenate(predictions).astype(numpy.int64),
             numpy.concatenate(scores).astype(numpy.float64))
 
@@ -165,14 +165,16 @@ def build_parser():
     add = parser.add_argument
     add('--load', required=True, help='model file written by train.py '
                                       '--save')
-    add('--dataset', default='mnist', choices=datasets.dataset_names())
+    add('--dataset', default='mnist', choices=datasets.dataset_names(),
+        help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
     add('--test-size', type=cli.positive_int, default=None,
-        help='use the first N test examples (default all)')
+        help='use the first N test examples (default: all)')
     add('--out', '-o', default='eval',
         help='folder for confusion.png, misclassified.png, evaluation.json')
-    add('--batchsize', '-b', type=cli.positive_int, default=200)
+    add('--batchsize', '-b', type=cli.positive_int, default=200,
+        help='examples per forward pass')
     add('--json', action='store_true',
         help='print evaluation.json as one line on stdout (the report goes '
              'to stderr)')
@@ -218,9 +220,9 @@ def report_lines(result):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = cli.load_model(args.load, need_capsnet=False,
-                           purpose='evaluate.py')
-    device = cli.select_device(args)
+    model = model_io.load_model_or_fail(args.load, need_capsnet=False,
+                                       purpose='evaluate.py')
+    device = devices.select_device(args)
     cli.check_writable(args.out)
     try:
         _, _, test = datasets.get_mnist_like(
@@ -228,7 +230,7 @@ def main(argv=None):
             input_size=model.input_size)
     except datasets.DatasetError as e:
         fail(e)
-    x, t = test._datasets
+    x, t = datasets.to_arrays(test)
     model.to_device(device)
 
     predictions, scores = run_model(model, x, device, args.batchsize)
@@ -252,17 +254,15 @@ def main(argv=None):
         result['test_error_percent'])
     text = json.dumps(result, sort_keys=True)
     try:
-        visualize.save_figure(paths['confusion.png'], confusion_figure(
+        figures.save_figure(paths['confusion.png'], confusion_figure(
             result['confusion'], title))
-        visualize.save_figure(paths['misclassified.png'],
+        figures.save_figure(paths['misclassified.png'],
                               misclassified_figure(
                                   x[wrong, 0], predictions[wrong], t[wrong],
                                   'misclassified (first {} of {}): p '
                                   'predicted, t true'.format(
                                       len(wrong), result['errors'])))
-        cli.atomic_write(
-            paths['evaluation.json'],
-            lambda f: f.write(json_text(result).encode()))
+        model_io.write_text(paths['evaluation.json'], json_text(result))
     except OSError as e:
         fail('cannot write into {} ({}); choose another --out'.format(
             args.out, e.strerror or e))

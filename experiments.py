@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Sweeps that reproduce the paper's tables.
 
-    python experiments.py table1 --epochs 50 --trials 3 --out t1 -g 0
-    python experiments.py table1 --epochs 1 --trials 1 --out t1 \\
+    python experiments.py table1 --epoch 50 --trials 3 --out t1 -d @cupy:0
+    python experiments.py table1 --epoch 1 --trials 1 --out t1 \\
         --train-size 1000 --test-size 500 --rows r1,r3     # a quick look
-    python experiments.py table1 --epochs 50 --trials 3 --out t1 --dry-run
+    python experiments.py table1 --epoch 50 --trials 3 --out t1 --dry-run
 
 ``table1`` trains the five rows of Table 1 (MNIST test error): the baseline
 CNN and CapsNet with 1 or 3 routing iterations, each without and with the
@@ -13,11 +13,11 @@ its own folder ``OUT/<row>-trial<k>`` (seed S + k, log in ``train.log``,
 model in ``model.npz``). Trials go round the rows (trial 0 of every row,
 then trial 1, ...), so an early look at the table has every row in it.
 
-A run is finished when its ``final.json`` says it trained ``--epochs``
+A run is finished when its ``final.json`` says it trained ``--epoch``
 epochs and its last epoch was that one; finished runs are never redone, and
 an unfinished one is started again with ``--autoload``, which continues
 from its newest snapshot. So an interrupted sweep is resumed by running the
-same command again, and a sweep can be lengthened by raising ``--epochs``.
+same command again, and a sweep can be lengthened by raising ``--epoch``.
 Runs keep only their newest snapshot (``--snapshot-keep 1``): with its
 Adam state a baseline snapshot is about 3 x 35.4M floats. Each run folder
 keeps ``run.json`` (the settings, the command and the
@@ -30,24 +30,25 @@ under OUT with the current settings, whichever invocation ran it.
 """
 import argparse
 import datetime
-import glob
 import json
 import math
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
 import time
 
 import cli
+import datasets
+import model_io
+import training_extensions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(HERE, 'train.py')
 
-# Both datasets have 60,000 training and 10,000 test examples.
-FULL_SIZES = {'mnist': (60000, 10000), 'fashion-mnist': (60000, 10000)}
+FULL_SIZES = {name: (datasets.TRAIN_SIZE, datasets.TEST_SIZE)
+              for name in datasets.dataset_names()}
 DATASET_TITLES = {'mnist': 'MNIST', 'fashion-mnist': 'Fashion-MNIST'}
 
 # Table 1 of the paper: MNIST test error %, mean and std over 3 trials
@@ -106,13 +107,13 @@ def run_command(row, trial, args):
     row = _row(row)
     folder = run_dir(args.out, row, trial)
     command = [sys.executable, TRAIN_SCRIPT] + row['train_args'] + [
-        '--dataset', args.dataset, '--epoch', str(args.epochs),
+        '--dataset', args.dataset, '--epoch', str(args.epoch),
         '--seed', str(run_seed(args, trial)),
         '--batchsize', str(args.batchsize),
         '--out', folder, '--save', os.path.join(folder, 'model.npz'),
         '--no-progress', '--autoload', '--snapshot-keep', '1']
-    if args.gpu is not None and args.gpu >= 0:
-        command += ['-g', str(args.gpu)]
+    if cli.device_spec(args.device) != '@numpy':
+        command += ['--device', cli.device_spec(args.device)]
     if args.data_dir:
         command += ['--data-dir', args.data_dir]
     if args.train_size:
@@ -162,10 +163,7 @@ def is_finished(folder, epochs):
 
 
 def newest_snapshot_epoch(folder):
-    epochs = [int(m.group(1)) for m in
-              (re.search(r'snapshot_epoch_(\d+)$', p) for p in
-               glob.glob(os.path.join(folder, 'snapshot_epoch_*'))) if m]
-    return max(epochs) if epochs else None
+    return max(training_extensions.snapshots(folder), default=None)
 
 
 def read_run_info(folder):
@@ -185,19 +183,14 @@ def conflict(row, trial, args):
             for k in sorted(want) if have.get(k) != want[k])
         return ('{} was made with other settings ({}); use another --out or '
                 'remove that folder'.format(folder, differ or 'unreadable'))
-    if is_finished(folder, args.epochs):
+    if is_finished(folder, args.epoch):
         return None
     last = newest_snapshot_epoch(folder)
-    if last is not None and last > args.epochs:
-        return ('{} already trained {} epochs, more than --epochs {}; use '
+    if last is not None and last > args.epoch:
+        return ('{} already trained {} epochs, more than --epoch {}; use '
                 'another --out or remove that folder'
-                .format(folder, last, args.epochs))
+                .format(folder, last, args.epoch))
     return None
-
-
-def write_atomically(path, text):
-    """Write text to path through a temporary file and a rename."""
-    cli.atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def launch(command, log_path):
@@ -229,10 +222,10 @@ def do_run(row, trial, args):
     command = run_command(row, trial, args)
     info = read_run_info(folder) or {}
     info.update(config=run_config(row, trial, args),
-                command=shlex.join(command), epochs=args.epochs)
+                command=shlex.join(command), epochs=args.epoch)
     info.setdefault('wall_seconds', 0.0)
     info.setdefault('invocations', 0)
-    write_atomically(os.path.join(folder, 'run.json'),
+    model_io.write_text(os.path.join(folder, 'run.json'),
                      json.dumps(info, indent=2) + '\n')
     print('=== {} trial {} (seed {}): {}'.format(
         _row(row)['name'], trial, run_seed(args, trial),
@@ -241,9 +234,9 @@ def do_run(row, trial, args):
     info['wall_seconds'] += seconds
     info['invocations'] += 1
     info['last_exit_status'] = status
-    write_atomically(os.path.join(folder, 'run.json'),
+    model_io.write_text(os.path.join(folder, 'run.json'),
                      json.dumps(info, indent=2) + '\n')
-    return status == 0 and is_finished(folder, args.epochs)
+    return status == 0 and is_finished(folder, args.epoch)
 
 
 # --------------------------------------------------------------------------
@@ -265,7 +258,7 @@ def collect_runs(args):
     for row in row_specs():
         for trial in range(args.trials):
             folder = run_dir(args.out, row, trial)
-            if not is_finished(folder, args.epochs):
+            if not is_finished(folder, args.epoch):
                 continue
             info = read_run_info(folder)
             if info is not None and info.get('config') != run_config(
@@ -437,17 +430,17 @@ def write_results(args):
                                     if r['name'] in args.rows],
                         dataset=args.dataset)
     meta = dict(
-        table='table1', dataset=args.dataset, epochs=args.epochs,
+        table='table1', dataset=args.dataset, epochs=args.epoch,
         trials=args.trials, train_size=args.train_size,
         test_size=args.test_size, batchsize=args.batchsize,
         seed=args.seed, rows=args.rows, command=args.command,
         date=_now(), machine=machine_description(),
-        device='GPU {}'.format(args.gpu) if args.gpu is not None
-        and args.gpu >= 0 else 'CPU',
+        device='CPU' if cli.device_spec(args.device) == '@numpy'
+        else cli.device_spec(args.device),
         error='final-epoch test error (not best-on-test)', std=STD_KIND)
-    write_atomically(os.path.join(args.out, 'results.json'), json.dumps(
+    model_io.write_text(os.path.join(args.out, 'results.json'), json.dumps(
         dict(meta=meta, runs=runs, summary=summary), indent=2) + '\n')
-    write_atomically(os.path.join(args.out, 'table.md'),
+    model_io.write_text(os.path.join(args.out, 'table.md'),
                      render_table(summary, meta))
     return runs, summary
 
@@ -455,13 +448,6 @@ def write_results(args):
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-
-def _positive(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError('must be > 0, got {}'.format(value))
-    return value
-
 
 def _rows(text):
     names = [name.strip() for name in text.split(',') if name.strip()]
@@ -475,29 +461,31 @@ def _rows(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description='Reproduce the tables of Sabour et al. 2017')
     commands = parser.add_subparsers(dest='table', required=True)
     t1 = commands.add_parser(
         'table1', help='Table 1: baseline and CapsNet, routing 1/3, '
                        'with and without reconstruction')
     add = t1.add_argument
-    add('--epochs', '-e', type=_positive, required=True,
+    add('--epoch', '--epochs', '-e', type=cli.positive_int, required=True,
         help='epochs per run')
-    add('--trials', type=_positive, default=3,
+    add('--trials', type=cli.positive_int, default=3,
         help='runs per row (seeds S, S+1, ...)')
     add('--out', '-o', required=True,
         help='folder for the runs, results.json and table.md')
-    add('--gpu', '-g', type=int, default=None,
-        help='GPU id for train.py (default: CPU)')
+    cli.add_device_arguments(t1)
     add('--data-dir', default=None, help='passed to train.py --data-dir')
-    add('--dataset', default='mnist', choices=sorted(FULL_SIZES))
-    add('--train-size', type=_positive, default=None,
+    add('--dataset', default='mnist', choices=sorted(FULL_SIZES),
+        help='which dataset (its test set for the evaluation)')
+    add('--train-size', type=cli.positive_int, default=None,
         help='use the first N training examples (default: all)')
-    add('--test-size', type=_positive, default=None,
+    add('--test-size', type=cli.positive_int, default=None,
         help='use the first N test examples (default: all)')
-    add('--seed', type=int, default=0, help='trial k uses seed S + k')
-    add('--batchsize', '-b', type=_positive, default=100)
+    add('--seed', '-s', type=cli.integer, default=0,
+        help='trial k uses seed S + k')
+    add('--batchsize', '-b', type=cli.positive_int, default=100,
+        help='examples per training step')
     add('--rows', type=_rows, default=[spec['name'] for spec in row_specs()],
         help='comma-separated subset of baseline,r1,r1-recon,r3,r3-recon')
     add('--dry-run', action='store_true',
@@ -514,7 +502,7 @@ def table1(args):
     if args.dry_run:
         for row, trial in jobs:
             problem = conflict(row, trial, args)
-            done = is_finished(run_dir(args.out, row, trial), args.epochs)
+            done = is_finished(run_dir(args.out, row, trial), args.epoch)
             print('{}{}'.format(
                 '# cannot run ({}): '.format(problem) if problem else
                 '# finished: ' if done else '',
@@ -523,12 +511,12 @@ def table1(args):
     problems = [p for p in (conflict(row, trial, args) for row, trial in jobs)
                 if p]
     if problems:
-        sys.stderr.write(''.join('error: {}\n'.format(p) for p in problems))
+        print('error: ' + '; '.join(problems), file=sys.stderr)
         return 2
     cli.check_writable(args.out)
     failed = []
     for row, trial in [] if args.collect_only else jobs:
-        if is_finished(run_dir(args.out, row, trial), args.epochs):
+        if is_finished(run_dir(args.out, row, trial), args.epoch):
             continue
         if not do_run(row, trial, args):
             failed.append(run_dir(args.out, row, trial))

@@ -151,20 +151,25 @@ class Check:
         self.write('environment.json', json.dumps(info, indent=1) + '\n')
 
     def tests(self):
+        """The GPU tests in two runs, quick ones first, each with its log
+        (a timeout in the slow run keeps the quick run's report)."""
         env = {'CAPSNET_TEST_GPU': '1', 'CAPSNET_SHARED_DATA':
                os.path.dirname(os.path.abspath(self.args.data_dir))}
-        select = []
         if self.args.dry_run:   # the units only: the rest trains on the CPU
             env['CAPSNET_TEST_DEVICE'] = '@numpy'
-            select = ['-k', 'unit_matches_cpu']
-        status, output = self.run(
-            'gpu_tests', [sys.executable, '-m', 'pytest', '-q', '-m', 'gpu',
-                          '-p', 'no:cacheprovider', 'tests'] + select,
-            'tests.log', 0.35 * self.seconds_left(), env)
-        lines = [line for line in output.splitlines() if line.strip()]
-        self.summary['steps']['gpu_tests']['result'] = \
-            lines[-1] if lines else ''
-        self.save_summary()
+            runs = [('gpu_tests', 'gpu and unit_matches_cpu')]
+        else:
+            runs = [('gpu_tests', 'gpu and not slow'),
+                    ('gpu_tests_slow', 'gpu and slow')]
+        for step, selection in runs:
+            status, output = self.run(
+                step, [sys.executable, '-m', 'pytest', '-q', '--tb=short',
+                       '-p', 'no:cacheprovider', '-m', selection, 'tests'],
+                step + '.log', 0.4 * self.seconds_left(), env)
+            lines = [line for line in output.splitlines() if line.strip()]
+            self.summary['steps'][step]['result'] = lines[-1] if lines \
+                else ''
+            self.save_summary()
 
     def benchmark(self):
         args = self.args
@@ -173,14 +178,29 @@ class Check:
         self.summary['benchmark'] = {}
         for batch in args.batchsizes:
             name = 'benchmark-{}'.format(batch)
+            profile = ['--profile'] if batch == args.batchsizes[0] else []
             status, output = self.run(
                 name, [sys.executable, 'benchmark.py', '--device', args.device,
-                       '-b', str(batch), '--json'] + repeats,
+                       '-b', str(batch), '--json'] + repeats + profile,
                 name + '.log', 300)
             row = {}
             if status == 0:
                 row = json.loads(output.strip().splitlines()[-1])
                 self.write(name + '.json', json.dumps(row, indent=1) + '\n')
+            if not args.dry_run:
+                # TF32 tensor cores for CuPy's matrix products, as PyTorch
+                # allows them for cuDNN convolutions by default
+                status, output = self.run(
+                    name + '-tf32', [sys.executable, 'benchmark.py',
+                                     '--device', args.device, '-b',
+                                     str(batch), '--json', '--no-plain'] +
+                    repeats, name + '-tf32.log', 300, {'CUPY_TF32': '1'})
+                if status == 0:
+                    tf32 = json.loads(output.strip().splitlines()[-1])
+                    row['tf32_train_samples_per_s'] = \
+                        tf32['train_samples_per_s']
+                    row['tf32_eval_samples_per_s'] = \
+                        tf32['eval_samples_per_s']
             if args.torch_ref:
                 # torch.compile takes about a minute: once, at the first size
                 row.update(self.torch_reference(
@@ -264,19 +284,31 @@ class Check:
         lines += ['| {} | {} | {} |'.format(name, step['status'],
                                             step['seconds'])
                   for name, step in s['steps'].items()]
-        if 'gpu_tests' in s['steps']:
-            lines += ['', 'tests: ' + s['steps']['gpu_tests'].get('result',
-                                                                   '')]
+        for step in ('gpu_tests', 'gpu_tests_slow'):
+            if step in s['steps']:
+                lines += ['', '{}: {}'.format(
+                    step, s['steps'][step].get('result', ''))]
         lines += ['', '| batch | ours fast train/s | ours plain train/s | '
-                  'PyTorch eager train/s | PyTorch compiled train/s | ours '
-                  'fast eval/s | peak GPU MB |', '| --- ' * 7 + '|']
+                  'ours fast, TF32 train/s | PyTorch eager train/s | '
+                  'PyTorch compiled train/s | ours fast eval/s | peak GPU MB '
+                  '|', '| --- ' * 8 + '|']
         for batch, row in s.get('benchmark', {}).items():
-            lines.append('| {} | {} | {} | {} | {} | {} | {} |'.format(
+            lines.append('| {} | {} | {} | {} | {} | {} | {} | {} |'.format(
                 batch, row.get('train_samples_per_s'),
                 row.get('plain_train_samples_per_s'),
+                row.get('tf32_train_samples_per_s'),
                 row.get('torch_eager_samples_per_s'),
                 row.get('torch_compile_samples_per_s'),
                 row.get('eval_samples_per_s'), row.get('peak_gpu_mb')))
+        profile = s.get('benchmark', {}).get(
+            str(self.args.batchsizes[0]), {}).get('profile')
+        if profile:
+            lines += ['', 'profile of a fast training step at batch {} (ms '
+                      'per step): {}; Adam update {}; host side {}'.format(
+                          self.args.batchsizes[0], ', '.join(
+                              '{} {}'.format(k, v) for k, v in list(
+                                  profile['functions_ms'].items())[:8]),
+                          profile['update_ms'], profile['host_ms'])]
         training = s.get('training', {})
         if training.get('epochs_done'):
             lines += ['', 'full-MNIST training, --reconstruct: {} epochs'

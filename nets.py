@@ -12,10 +12,6 @@ Two implementations of the same network share one set of parameters:
   keeps the plain path selectable for comparison.
 """
 import contextlib
-import io
-import json
-import os
-import zipfile
 
 import numpy
 
@@ -25,7 +21,8 @@ import chainer.functions as F
 import chainer.links as L
 from chainer import backend, reporter
 
-import cli
+import fast_ops
+from baseline import BaselineCNN  # the paper's baseline, in ARCHITECTURES
 
 EPSILON = 1e-7
 N_PRIMARY_TYPES = 32
@@ -266,7 +263,6 @@ class CapsNet(chainer.Chain):
         Capsule i = type * grid^2 + row * grid + column.
         """
         if self._use_fast() and self.xp is numpy:
-            import fast_ops
             batch, side = x.shape[0], self.input_size
             # the fast kernels work on (H, W, B, C) arrays
             h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
@@ -289,7 +285,6 @@ class CapsNet(chainer.Chain):
     def digit_capsules(self, u):
         """(B, I, K) -> v (B, J, D) and the last coupling c (B, I, J)."""
         if self._use_fast():
-            import fast_ops
             return fast_ops.digit_capsules(u, self.digit_weights(),
                                            self.routing)
         return dynamic_routing(prediction_vectors(u, self.digit_weights()),
@@ -311,7 +306,6 @@ class CapsNet(chainer.Chain):
     def inference(self):
         """Context for inference over many batches with fixed weights."""
         if self._use_fast() and self.xp is numpy:
-            import fast_ops
             return fast_ops.fixed_weights()
         return contextlib.nullcontext()
 
@@ -347,97 +341,8 @@ class CapsNet(chainer.Chain):
         return loss
 
 
-from baseline import BaselineCNN  # noqa: E402  (the paper's baseline)
-
 ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN}
 
 
 def count_parameters(model):
     return sum(p.size for p in model.params())
-
-
-# --------------------------------------------------------------------------
-# Model files: parameters plus the options that rebuild the network
-# --------------------------------------------------------------------------
-
-class ModelFileError(Exception):
-    """A model file that is missing, corrupt or of another network."""
-
-
-_META_KEY = '_capsnet_meta'
-
-
-def save_model(path, model):
-    """Write the parameters and options to ``path`` atomically (.npz).
-
-    The file is written beside its final name and renamed, so an
-    interrupted save leaves any earlier file intact.
-    """
-    serializer = chainer.serializers.DictionarySerializer()
-    serializer.save(model)
-    meta = {'arch': model.arch, 'options': model.options}
-    target = dict(serializer.target)
-    target[_META_KEY] = numpy.array(json.dumps(meta))
-    cli.atomic_write(path, lambda f: numpy.savez_compressed(f, **target))
-
-
-def read_model_meta(path):
-    """(arch, options) stored in a model file; ModelFileError if unusable."""
-    if not os.path.exists(path):
-        raise ModelFileError(
-            'model file {} does not exist; pass the path given to '
-            'train.py --save'.format(path))
-    try:
-        with numpy.load(path, allow_pickle=False) as npz:
-            if _META_KEY not in npz.files:
-                raise ModelFileError(
-                    '{} is not a model file of this project (no stored '
-                    'options); save one with train.py --save'.format(path))
-            meta = json.loads(str(npz[_META_KEY]))
-    except ModelFileError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError,
-            KeyError) as e:
-        raise ModelFileError(
-            '{} is not a readable model file ({}: {}); it may be truncated '
-            'or corrupt, so train again with --save'
-            .format(path, type(e).__name__, e))
-    if meta.get('arch') not in ARCHITECTURES:
-        raise ModelFileError('{} holds an unknown architecture {!r}'
-                             .format(path, meta.get('arch')))
-    return meta['arch'], meta['options']
-
-
-def load_model(path, expected_options=None):
-    """Rebuild the network stored in ``path`` and load its parameters.
-
-    Args:
-        expected_options: if given, every key in it must match the stored
-            options, else ModelFileError names the difference.
-    """
-    arch, options = read_model_meta(path)
-    if expected_options:
-        differ = {k: (options.get(k), v) for k, v in expected_options.items()
-                  if options.get(k) != v}
-        if differ:
-            raise ModelFileError(
-                '{} was built with other options: {}; use a matching model '
-                'or drop those flags'.format(path, ', '.join(
-                    '{}={!r} in the file, {!r} asked'.format(k, a, b)
-                    for k, (a, b) in sorted(differ.items()))))
-    try:
-        model = ARCHITECTURES[arch](**options)
-    except (TypeError, ValueError) as e:
-        raise ModelFileError('{} holds options this code cannot build ({})'
-                             .format(path, e))
-    try:
-        with numpy.load(path, allow_pickle=False) as npz:
-            chainer.serializers.NpzDeserializer(npz).load(model)
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError,
-            io.UnsupportedOperation) as e:
-        raise ModelFileError(
-            '{} does not match the {} network it describes ({}: {}); it may '
-            'be truncated or corrupt, so train again with --save'
-            .format(path, arch, type(e).__name__, str(e).splitlines()[0]
-                    if str(e) else ''))
-    return model

@@ -2,7 +2,7 @@
 """Classify your own digit images with a trained CapsNet.
 
     python predict.py --load model digit.png more/          # CPU
-    python predict.py -g 0 --load model --json scans/*.jpg
+    python predict.py -d @cupy:0 --load model --json scans/*.jpg
     python predict.py --load model --reconstruct recon.png digit.png
 
 Each IMAGE is a PNG/JPEG/... file, or a folder whose image files (by
@@ -27,7 +27,6 @@ An input that is missing, empty, not an image or blank gives one line
 status: 0 if every input was classified, 1 if any failed, 2 for usage
 errors and unusable models.
 """
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,9 @@ import numpy
 from PIL import Image, UnidentifiedImageError
 
 import cli
-import visualize
+import devices
+import figures
+import model_io
 from cli import fail
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff',
@@ -264,16 +265,8 @@ def expand_inputs(paths):
 # Command line
 # --------------------------------------------------------------------------
 
-def threshold_value(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            'must be a number in [0, 1), got {!r}'.format(text))
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(
-            'must be in [0, 1), got {}'.format(value))
-    return value
+threshold_value = cli.number_type(float, 'a number in [0, 1)',
+                                  lambda value: 0 <= value < 1)
 
 
 def build_parser():
@@ -295,16 +288,19 @@ def build_parser():
     add('--reconstruct', metavar='OUT.png', default=None,
         help='write each preprocessed input beside its reconstruction '
              '(needs a model trained with --reconstruct)')
-    add('--batchsize', '-b', type=cli.positive_int, default=100)
+    add('--batchsize', '-b', type=cli.positive_int, default=100,
+        help='examples per forward pass')
     cli.add_device_arguments(parser)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = cli.load_model(
+    model = model_io.load_model_or_fail(
         args.load, need_capsnet=False, need_decoder=bool(args.reconstruct),
-        status=USAGE, purpose='predict.py --reconstruct')
+        status=USAGE,
+        purpose='predict.py --reconstruct' if args.reconstruct else
+        'predict.py')
     is_capsnet = model.arch == 'capsnet'
     if model.input_size < MNIST_SIDE:
         fail('{} takes {} x {} images, smaller than the {} x {} MNIST digits '
@@ -316,7 +312,7 @@ def main(argv=None):
         cli.check_writable(
             os.path.dirname(os.path.abspath(args.reconstruct)),
             '--reconstruct file', USAGE)
-    device = cli.select_device(args, USAGE)
+    device = devices.select_device(args, USAGE)
     model.to_device(device)
     side = model.input_size
     key = 'lengths' if is_capsnet else 'probabilities'
@@ -330,7 +326,7 @@ def main(argv=None):
         if args.json:
             print(json.dumps({'file': path, 'error': reason}), flush=True)
 
-    with visualize.inference_mode(model):
+    with devices.inference_mode(model):
         for start in range(0, len(inputs), args.batchsize):
             chunk = inputs[start:start + args.batchsize]
             images, errors = [], []
@@ -347,17 +343,17 @@ def main(argv=None):
                 x = numpy.stack(images)[:, None]
                 if is_capsnet:
                     v = model.capsules(device.send(x))
-                    scores = visualize.to_cpu(model.lengths(v).array)
+                    scores = devices.to_cpu(model.lengths(v).array)
                     predictions = scores.argmax(axis=1)
                     if args.reconstruct:
-                        recon = visualize.to_cpu(model.reconstruction(
+                        recon = devices.to_cpu(model.reconstruction(
                             v, device.send(predictions.astype(numpy.int32))
                         ).array).reshape(-1, side, side)
                         shown.extend(zip(x[:, 0], recon))
                 else:
                     predictions, scores = model.predict(device.send(x))
-                    predictions = visualize.to_cpu(predictions)
-                    scores = visualize.to_cpu(scores)
+                    predictions = devices.to_cpu(predictions)
+                    scores = devices.to_cpu(scores)
                 results = list(zip(predictions, scores))
             for (path, _), error in zip(chunk, errors):
                 if error is not None:
@@ -377,10 +373,10 @@ def main(argv=None):
 
     if args.reconstruct:
         if shown:
-            grid = visualize.tile(numpy.stack(
+            grid = figures.tile(numpy.stack(
                 [img for pair in shown for img in pair]), len(shown), 2)
             try:
-                visualize.save_image(args.reconstruct, grid)
+                figures.save_image(args.reconstruct, grid)
             except OSError as e:
                 fail('cannot write {} ({}); choose another --reconstruct '
                      'file'.format(args.reconstruct, e.strerror or e), USAGE)

@@ -23,132 +23,28 @@ The mosaics are saved pixel for pixel (one image pixel per PNG pixel, tiles
 separated by a 2 px grey border). The model needs the decoder, i.e. it must
 have been trained with ``train.py --reconstruct``.
 
-The image helpers here (``tile``, ``tint``, ``save_image``, ``to_cpu``,
-``inference_mode``) are shared with predict.py and evaluate.py; the
-command-line helpers are in cli.py.
+The mosaic and PNG helpers are in figures.py, the device helpers in
+devices.py.
 """
-import contextlib
 import os
 import sys
 
 import numpy
 
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.image  # noqa: E402
+import cli
+import datasets
+import devices
+import model_io
+import nets
+from devices import inference_mode, to_cpu
+from figures import BLUE, GREEN, save_image, tile, tint
 
-import compat  # noqa: E402,F401  (before chainer: NumPy 2 / Python 3.12)
-import chainer  # noqa: E402
-from chainer import backend  # noqa: E402
-
-import datasets  # noqa: E402
-import nets  # noqa: E402
-from cli import (ArgumentParser, add_device_arguments, atomic_write,  # noqa: E402,F401
-                 check_writable, fail, load_model, select_device)
-
-BORDER = 2
-BORDER_COLOR = (0.5, 0.5, 0.5)
-FRAME_COLOR = (1.0, 0.0, 0.0)
-GREEN = (0.25, 1.0, 0.25)
-BLUE = (0.35, 0.6, 1.0)
 MAX_STEPS = 50  # at most 2 * 50 + 1 columns in a tweak figure
-
-
-# --------------------------------------------------------------------------
-# Command-line helpers (shared with predict.py and evaluate.py)
-# --------------------------------------------------------------------------
-
-def save_image(path, image):
-    """Save (H, W) gray or (H, W, 3) RGB values in [0, 1] as a PNG."""
-    image = numpy.clip(numpy.asarray(image, dtype=numpy.float32), 0, 1)
-    kwargs = {'cmap': 'gray', 'vmin': 0, 'vmax': 1} if image.ndim == 2 \
-        else {}
-    atomic_write(path, lambda f: matplotlib.image.imsave(
-        f, image, format='png', **kwargs))
-
-
-def save_figure(path, figure, dpi=100):
-    """Save a matplotlib Figure as a PNG atomically."""
-    atomic_write(path, lambda f: figure.savefig(f, format='png',
-                                                    dpi=dpi))
-
-
-def to_cpu(array):
-    return numpy.asarray(backend.CpuDevice().send(array))
-
-
-# --------------------------------------------------------------------------
-# Mosaics
-# --------------------------------------------------------------------------
-
-def tint(images, color):
-    """(..., H, W) gray in [0, 1] -> (..., H, W, 3): black stays black,
-    white becomes ``color``."""
-    images = numpy.asarray(images, dtype=numpy.float32)
-    return images[..., None] * numpy.asarray(color, dtype=numpy.float32)
-
-
-def tile(images, rows, cols, border=BORDER, border_color=BORDER_COLOR,
-         frames=(), frame_color=FRAME_COLOR):
-    """Tile images row by row into one RGB mosaic.
-
-    Args:
-        images: (N, H, W) gray or (N, H, W, 3) RGB in [0, 1], N <= rows*cols;
-            image k goes to row k // cols, column k % cols (empty cells
-            keep the border colour).
-        border: pixels between tiles and around the mosaic.
-        frames: (row, col) tiles whose surrounding border is drawn in
-            ``frame_color`` (e.g. to mark a reference column).
-    Returns:
-        float32 (rows * (H + border) + border, cols * (W + border) + border,
-        3) in [0, 1].
-    """
-    images = numpy.asarray(images, dtype=numpy.float32)
-    if images.ndim == 3:
-        images = numpy.repeat(images[..., None], 3, axis=3)
-    if images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError('images must be (N, H, W) or (N, H, W, 3), got {}'
-                         .format(images.shape))
-    n, height, width = images.shape[:3]
-    if n > rows * cols:
-        raise ValueError('{} images do not fit {} x {} tiles'.format(
-            n, rows, cols))
-    grid = numpy.empty((rows * (height + border) + border,
-                        cols * (width + border) + border, 3), numpy.float32)
-    grid[...] = border_color
-    for k in range(n):
-        top = border + (k // cols) * (height + border)
-        left = border + (k % cols) * (width + border)
-        grid[top:top + height, left:left + width] = images[k]
-    for row, col in frames:
-        top = border + row * (height + border)
-        left = border + col * (width + border)
-        ring = grid[top - border:top + height + border,
-                    left - border:left + width + border]
-        ring[:border] = frame_color
-        ring[-border:] = frame_color
-        ring[:, :border] = frame_color
-        ring[:, -border:] = frame_color
-    return numpy.clip(grid, 0, 1)
-
-
-def tile_shape(rows, cols, side, border=BORDER):
-    """(height, width) of ``tile`` for rows x cols tiles of side x side."""
-    return (rows * (side + border) + border, cols * (side + border) + border)
 
 
 # --------------------------------------------------------------------------
 # Running the network
 # --------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def inference_mode(model):
-    """Test mode, no graph, and the model's fixed-weight context."""
-    inference = getattr(model, 'inference', contextlib.nullcontext)
-    with chainer.using_config('train', False), chainer.no_backprop_mode(), \
-            inference():
-        yield
-
 
 def digit_capsules(model, x, device, batchsize=100):
     """Images (N, 1, S, S) numpy -> digit capsules v (N, 10, 16) numpy."""
@@ -267,50 +163,49 @@ def tweak_grid(images, n_rows, n_cols, centre):
 
 
 def build_parser():
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Draw a CapsNet's reconstructions (vis.png, "
                     'vis_all.png, vis_tweaked0-9.png)')
     add = parser.add_argument
     add('--load', required=True,
         help='model file written by train.py --save (with --reconstruct)')
     add('--out', '-o', default='vis', help='folder for the PNG files')
-    add('--dataset', default='mnist', choices=datasets.dataset_names())
+    add('--dataset', default='mnist', choices=datasets.dataset_names(),
+        help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
-    add('--range', type=float, default=0.25, dest='range_',
+    add('--range', type=cli.non_negative_float, default=0.25, dest='range_',
         help='perturb each capsule dimension by -RANGE ... +RANGE')
-    add('--step', type=float, default=0.05, help='perturbation step')
-    add_device_arguments(parser)
+    add('--step', type=cli.positive_float, default=0.05,
+        help='perturbation step')
+    cli.add_device_arguments(parser)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (numpy.isfinite(args.step) and args.step > 0):
-        parser.error('--step must be > 0, got {}'.format(args.step))
-    if not (numpy.isfinite(args.range_) and args.range_ >= 0):
-        parser.error('--range must be >= 0, got {}'.format(args.range_))
     ratio = args.range_ / args.step
     if not numpy.isfinite(ratio) or round(ratio) > MAX_STEPS:
         parser.error('--range / --step must be at most {} (that is {} '
                      'columns), got {:g}'.format(
                          MAX_STEPS, 2 * MAX_STEPS + 1, ratio))
 
-    model = load_model(args.load, need_decoder=True, purpose='visualize.py')
-    device = select_device(args)
-    check_writable(args.out)
+    model = model_io.load_model_or_fail(args.load, need_decoder=True,
+                                       purpose='visualize.py')
+    device = devices.select_device(args)
+    cli.check_writable(args.out)
     try:
         _, _, test = datasets.get_mnist_like(
             args.dataset, data_dir=args.data_dir,
             input_size=model.input_size)
     except datasets.DatasetError as e:
-        fail(e)
-    x_all, t_all = test._datasets
+        cli.fail(e)
+    x_all, t_all = datasets.to_arrays(test)
     try:
-        picked = pick_examples(t_all, per_class=2)
+        picked = pick_examples(t_all, per_class=2, n_classes=model.n_classes)
     except ValueError as e:
-        fail(e)
+        cli.fail(e)
     model.to_device(device)
     side = model.input_size
 
@@ -328,17 +223,17 @@ def main(argv=None):
         try:
             save_image(path, image)
         except OSError as e:
-            fail('cannot write {} ({}); choose another --out'.format(
+            cli.fail('cannot write {} ({}); choose another --out'.format(
                 path, e.strerror or e))
         written.append(path)
 
     save('vis.png', reconstruction_grid(x[:, 0], recon))
 
     # vis_all.png: one example per class through every capsule
-    first, v_first = x[:10, 0], v[:10]
     n_classes = v.shape[1]
+    first, v_first = x[:n_classes, 0], v[:n_classes]
     recon_all = numpy.stack([
-        reconstruct(model, v_first, numpy.full(10, j), device)
+        reconstruct(model, v_first, numpy.full(n_classes, j), device)
         for j in range(n_classes)])
     save('vis_all.png', all_capsules_grid(first, recon_all))
 

@@ -1,13 +1,17 @@
 """Shared fixtures for the tests of the command-line tools.
 
-- ``mnist_dir``: the real MNIST folder (shared/data/mnist beside the
-  checkout, or $CAPSNET_SHARED_DATA/mnist); the test is skipped when absent.
+- ``MNIST_DIR``: the real MNIST folder (shared/data/mnist beside the
+  checkout, or $CAPSNET_SHARED_DATA/mnist); ``needs_mnist`` skips a test
+  when it is absent, and the ``mnist_dir`` fixture returns it (or skips).
 - ``fresh_model_path`` / ``no_decoder_model_path``: a freshly initialised
   ``nets.CapsNet()`` (seed 0), with / without the decoder, saved once per
-  session with ``nets.save_model``; ``small_baseline_path``: likewise a
+  session with ``model_io.save_model``; ``small_baseline_path``: likewise a
   ``nets.BaselineCNN(input_size=1)``.
-- ``one_error_line(err)``: the one ``error: ...`` line of a tool's stderr
-  (a plain function: ``from conftest import one_error_line``).
+- ``one_error_line(err)``: the one ``error: ...`` line of a tool's stderr;
+  ``assert_one_error(result, *fragments, status=None)`` checks a finished
+  process (non-zero exit, that one line, the fragments in it) (plain
+  functions: ``from conftest import one_error_line``).
+- ``tile_shape``: the (height, width) a mosaic of figures.tile must have.
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
 - GPU switch: tests marked ``gpu`` run only when the environment variable
@@ -24,13 +28,20 @@ import numpy
 import pytest
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import model_io
 import nets
 
 GPU_SWITCH = 'CAPSNET_TEST_GPU'
 SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data')
+MNIST_DIR = os.path.abspath(os.path.join(SHARED_DATA, 'mnist'))
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
                't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+HAVE_MNIST = all(os.path.isfile(os.path.join(MNIST_DIR, f))
+                 for f in MNIST_FILES)
+_NO_MNIST = ('real MNIST not found in {} (set CAPSNET_SHARED_DATA to the '
+             'folder holding mnist/)'.format(MNIST_DIR))
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=_NO_MNIST)
 
 
 def one_error_line(err):
@@ -66,24 +77,31 @@ def gpu_device():
     device = chainer.get_device(spec)
     device.use()
     return device
+def assert_one_error(result, *fragments, status=None):
+    """A finished process (CompletedProcess) failed with one line
+    ``error: ...`` on stderr holding every fragment; return that line."""
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    if status is not None:
+        assert result.returncode == status, result.stderr
+    line = one_error_line(result.stderr)
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
 
 
 @pytest.fixture(scope='session')
 def mnist_dir():
     """Folder with the four real MNIST files, or skip the test."""
-    folder = os.path.abspath(os.path.join(SHARED_DATA, 'mnist'))
-    if not all(os.path.isfile(os.path.join(folder, f))
-               for f in MNIST_FILES):
-        pytest.skip('real MNIST not found in {} (set CAPSNET_SHARED_DATA to '
-                    'the folder holding mnist/)'.format(folder))
-    return folder
+    if not HAVE_MNIST:
+        pytest.skip(_NO_MNIST)
+    return MNIST_DIR
 
 
 def _save_fresh(path, network=nets.CapsNet, **options):
     state = numpy.random.get_state()
     numpy.random.seed(0)
     try:
-        nets.save_model(str(path), network(**options))
+        model_io.save_model(str(path), network(**options))
     finally:
         numpy.random.set_state(state)
     return str(path)
@@ -108,6 +126,12 @@ def small_baseline_path(tmp_path_factory):
     instead of 140 MB for 28 x 28); what is checked is its architecture."""
     return _save_fresh(tmp_path_factory.mktemp('models') / 'baseline.npz',
                        nets.BaselineCNN, input_size=1)
+
+
+def tile_shape(rows, cols, side, border=2):
+    """(height, width) of a figures.tile mosaic of rows x cols tiles of side
+    x side pixels with ``border`` pixels around and between them."""
+    return (rows * (side + border) + border, cols * (side + border) + border)
 
 
 @pytest.fixture

@@ -29,14 +29,9 @@ import chainer
 
 import datasets
 
-SHARED = os.environ.get('CAPSNET_SHARED_DATA', os.path.join(
-    os.path.dirname(__file__), '..', '..', 'shared', 'data'))
-MNIST_DIR = os.path.join(SHARED, 'mnist')
+from conftest import MNIST_DIR, needs_mnist
+
 MNIST_MD5 = datasets.DATASETS['mnist']['files']
-needs_mnist = pytest.mark.skipif(
-    not all(os.path.isfile(os.path.join(MNIST_DIR, f)) for f in MNIST_MD5),
-    reason='real MNIST not found in {} (set CAPSNET_SHARED_DATA)'.format(
-        os.path.abspath(MNIST_DIR)))
 
 
 @pytest.fixture(autouse=True)
@@ -417,7 +412,7 @@ def test_full_mnist_shapes_dtypes_and_range(raw_mnist):
             (train, 60000, datasets.TRAIN_IMAGES, datasets.TRAIN_LABELS),
             (test, 10000, datasets.TEST_IMAGES, datasets.TEST_LABELS)):
         assert isinstance(dataset, chainer.datasets.TupleDataset)
-        x, t = dataset._datasets
+        x, t = datasets.to_arrays(dataset)
         assert x.shape == (n, 1, 28, 28) and x.dtype == numpy.float32
         assert t.shape == (n,) and t.dtype == numpy.int32
         assert x.min() == 0 and x.max() == 1
@@ -434,13 +429,13 @@ def test_validation_holds_out_the_last_examples_and_sizes_take_the_first(
         data_dir=MNIST_DIR, validation=5000, train_size=100, test_size=30)
     assert (len(train), len(validation), len(test)) == (100, 5000, 30)
     train_t = raw_mnist[datasets.TRAIN_LABELS]
-    numpy.testing.assert_array_equal(train._datasets[1], train_t[:100])
-    numpy.testing.assert_array_equal(validation._datasets[1], train_t[55000:])
+    numpy.testing.assert_array_equal(datasets.to_arrays(train)[1], train_t[:100])
+    numpy.testing.assert_array_equal(datasets.to_arrays(validation)[1], train_t[55000:])
     numpy.testing.assert_array_equal(
-        validation._datasets[0][:, 0] * 255,
+        datasets.to_arrays(validation)[0][:, 0] * 255,
         raw_mnist[datasets.TRAIN_IMAGES][55000:])
     numpy.testing.assert_array_equal(
-        test._datasets[1], raw_mnist[datasets.TEST_LABELS][:30])
+        datasets.to_arrays(test)[1], raw_mnist[datasets.TEST_LABELS][:30])
     # All that remains after the hold-out is still available...
     train, _, _ = datasets.get_mnist_like(
         data_dir=MNIST_DIR, validation=5000, train_size=55000, test_size=1)
@@ -474,7 +469,7 @@ def test_input_size_pads_with_zeros_centred(raw_mnist, size, top):
         data_dir=MNIST_DIR, train_size=20, test_size=20, input_size=size)
     for dataset, name in ((train, datasets.TRAIN_IMAGES),
                           (test, datasets.TEST_IMAGES)):
-        x = dataset._datasets[0]
+        x = datasets.to_arrays(dataset)[0]
         assert x.shape == (20, 1, size, size) and x.dtype == numpy.float32
         inner = x[:, 0, top:top + 28, top:top + 28]
         numpy.testing.assert_array_equal(inner * 255, raw_mnist[name][:20])

@@ -133,21 +133,6 @@ def test_text_report(tmp_path, mnist_dir, fresh_model_path, run_tool):
 
 # -- errors ------------------------------------------------------------------
 
-@pytest.mark.parametrize('content', [None, 'half', b'not a model'])
-def test_bad_model_file_is_one_line(tmp_path, mnist_dir, fresh_model_path,
-                                    run_tool, content):
-    path = tmp_path / 'model.npz'
-    if content == 'half':
-        data = open(fresh_model_path, 'rb').read()
-        path.write_bytes(data[:len(data) // 2])
-    elif content is not None:
-        path.write_bytes(content)
-    status, out, err = run_tool(evaluate.main, [
-        '--load', path, '--data-dir', mnist_dir, '--out', tmp_path / 'e'])
-    assert status != 0 and out == ''
-    assert str(path) in one_error_line(err)
-
-
 def test_unknown_dataset_is_a_usage_error(tmp_path, fresh_model_path,
                                           run_tool):
     status, _, err = run_tool(evaluate.main, [

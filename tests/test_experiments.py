@@ -5,19 +5,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import experiments  # noqa: E402
+import experiments
+import train
 
 ROWS = ['baseline', 'r1', 'r1-recon', 'r3', 'r3-recon']
-
-
-def mnist_dir():
-    data = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
-        ROOT, '..', 'shared', 'data')
-    return os.path.join(data, 'mnist')
 
 
 def write_final(folder, epochs, final_epoch=None, error=0.01, **extra):
@@ -83,16 +74,17 @@ def test_run_command():
         'D', 'r3-recon-trial1', 'model.npz')
     assert flag(command, '--routing') == '3'
     assert flag(command, '--dataset') == 'fashion-mnist'
-    assert flag(command, '-g') == '0'
+    assert flag(command, '--device') == '@cupy:0'  # from the old -g 0
     assert flag(command, '--data-dir') == 'data'
     assert flag(command, '--train-size') == '500'
     assert '--test-size' not in command
     assert '--no-progress' in command and '--autoload' in command
     assert '--reconstruct' in command
+    args.device = '@numpy'
+    assert '--device' not in experiments.run_command('r1', 0, args)
 
 
 def test_run_command_parses_in_train():
-    train = pytest.importorskip('train')
     args = experiments.build_parser().parse_args(
         ['table1', '--epochs', '2', '--out', 'D'])
     for row in ROWS:
@@ -314,17 +306,13 @@ def test_unknown_row_is_an_error(capsys):
     assert 'unknown row' in capsys.readouterr().err
 
 
-def test_real_tiny_sweep(tmp_path):
+def test_real_tiny_sweep(tmp_path, mnist_dir):
     """One real train.py process: r1, 1 epoch, 100 / 50 examples."""
-    if not os.path.exists(os.path.join(mnist_dir(),
-                                       't10k-images-idx3-ubyte.gz')):
-        pytest.skip('no MNIST files in {}'.format(mnist_dir()))
-    pytest.importorskip('datasets')
     out = tmp_path / 'tiny'
     assert experiments.main([
         'table1', '--rows', 'r1', '--epochs', '1', '--trials', '1',
         '--train-size', '100', '--test-size', '50', '--batchsize', '50',
-        '--data-dir', mnist_dir(), '--out', str(out)]) == 0
+        '--data-dir', mnist_dir, '--out', str(out)]) == 0
     folder = out / 'r1-trial0'
     assert experiments.is_finished(str(folder), 1)
     assert (folder / 'model.npz').exists()

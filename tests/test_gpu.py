@@ -22,10 +22,10 @@ import pytest
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
-import chainer.functions as F
 from chainer import gradient_check
 
 import fast_ops
+import model_io
 import nets
 
 pytestmark = pytest.mark.gpu
@@ -227,8 +227,8 @@ def test_baseline_fast_kernels_are_refused_on_the_gpu(gpu_device):
         model(gpu_device.send(x), gpu_device.send(t))
     result = run_tool('train.py', '--device', str(gpu_device), '--arch',
                       'baseline', '--impl', 'fast', '-o', 'unused')
-    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and 'CPU-only' in lines[0], result.stderr
 
 
@@ -245,9 +245,9 @@ def test_model_files_move_between_devices(gpu_device, tmp_path):
             model(train_on.send(x), train_on.send(t)).backward()
             optimizer.update()
         path = str(tmp_path / 'model-{}.npz'.format(train_on.xp.__name__))
-        nets.save_model(path, model)
+        model_io.save_model(path, model)
         _, lengths_before = model.predict(train_on.send(x))
-        loaded = nets.load_model(path)
+        loaded = model_io.load_model(path)
         loaded.to_device(test_on)
         _, lengths_after = loaded.predict(test_on.send(x))
         numpy.testing.assert_allclose(to_cpu(lengths_after),
@@ -280,6 +280,7 @@ def tiny_training(device, out, mnist_dir, *more):
                     '--no-progress', '-o', out, *more)
 
 
+@pytest.mark.slow
 def test_resume_across_devices(gpu_device, mnist_dir, tmp_path):
     for order, (first, second) in enumerate(((str(gpu_device), '@numpy'),
                                              ('@numpy', str(gpu_device)))):
@@ -293,6 +294,7 @@ def test_resume_across_devices(gpu_device, mnist_dir, tmp_path):
         assert all(numpy.isfinite(entry['main/loss']) for entry in log)
 
 
+@pytest.mark.slow
 def test_train_visualize_evaluate_predict_on_device(gpu_device, mnist_dir,
                                                     tmp_path):
     device = str(gpu_device)
@@ -328,6 +330,7 @@ def test_train_visualize_evaluate_predict_on_device(gpu_device, mnist_dir,
     assert 0 <= answer['prediction'] <= 9 and len(answer['lengths']) == 10
 
 
+@pytest.mark.slow
 def test_seed_repeats_a_gpu_baseline_run(gpu_device, mnist_dir, tmp_path):
     """Dropout on the GPU draws from CuPy's generator, seeded by --seed."""
     logs = []

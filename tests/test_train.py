@@ -6,21 +6,19 @@ import subprocess
 import sys
 import time
 
+import matplotlib.image
 import numpy
 import pytest
 
-import nets
+import datasets
+import model_io
 import train
+import training_extensions
+import visualize
+from conftest import MNIST_DIR as MNIST
+from conftest import assert_one_error, needs_mnist, tile_shape
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-DATA = os.environ.get('CAPSNET_SHARED_DATA',
-                      os.path.join(REPO, '..', 'shared', 'data'))
-MNIST = os.path.join(DATA, 'mnist')
-needs_mnist = pytest.mark.skipif(
-    not os.path.exists(os.path.join(MNIST, 't10k-images-idx3-ubyte.gz')),
-    reason='real MNIST not found at {} (set CAPSNET_SHARED_DATA)'.format(
-        MNIST))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # From a real run (2026-11-25, 2-core CPU, seed 0): 3,000 training examples,
 # one epoch, batch 100, reconstruction, gave 70.4% accuracy on the first
@@ -33,6 +31,7 @@ def run_train(*args):
     return train.main(['--data-dir', MNIST, '--no-progress'] + list(args))
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_one_epoch_learns_and_writes_every_output(tmp_path):
     out, model_path = tmp_path / 'result', tmp_path / 'model.npz'
@@ -51,27 +50,24 @@ def test_one_epoch_learns_and_writes_every_output(tmp_path):
     for name in ('loss.png', 'accuracy.png', 'snapshot_epoch_1'):
         assert (out / name).exists(), name
     # the reported accuracy is the exact fraction of the 1,000 test images
-    model = nets.load_model(str(model_path))
-    import datasets
+    model = model_io.load_model(str(model_path))
     _, _, test = datasets.get_mnist_like('mnist', data_dir=MNIST,
                                          test_size=1000)
-    x, t = test._datasets
+    x, t = datasets.to_arrays(test)
     predictions = numpy.concatenate([model.predict(x[i:i + 250])[0]
                                      for i in range(0, 1000, 250)])
     assert (predictions == t).mean() == pytest.approx(
         log[-1]['test/main/accuracy'], abs=1e-6)
 
     # visualize.py on the model just trained: every figure, stated grids
-    import matplotlib.image
-    import visualize
-    figures = tmp_path / 'vis'
-    assert visualize.main(['--load', str(model_path), '--out', str(figures),
-                           '--data-dir', MNIST]) in (None, 0)
+    drawn = tmp_path / 'vis'
+    assert visualize.main(['--load', str(model_path), '--out', str(drawn),
+                           '--data-dir', MNIST]) == 0
     grids = {'vis.png': (4, 10), 'vis_all.png': (11, 10)}
     grids.update({'vis_tweaked{}.png'.format(c): (16, 11) for c in range(10)})
     for name, (rows, cols) in grids.items():
-        image = matplotlib.image.imread(str(figures / name))
-        assert image.shape[:2] == visualize.tile_shape(rows, cols, 28), name
+        image = matplotlib.image.imread(str(drawn / name))
+        assert image.shape[:2] == tile_shape(rows, cols, 28), name
 
 
 TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
@@ -79,10 +75,11 @@ TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
 
 
 def final_parameters(path):
-    model = nets.load_model(str(path))
+    model = model_io.load_model(str(path))
     return {name: p.array.copy() for name, p in model.namedparams()}
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_same_seed_gives_the_same_run(tmp_path):
     for name in ('a', 'b'):
@@ -94,6 +91,7 @@ def test_same_seed_gives_the_same_run(tmp_path):
         numpy.testing.assert_array_equal(a[name], b[name])
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """kill -9 in the middle of epoch 3; --autoload continues from the
@@ -135,8 +133,9 @@ def test_newest_snapshot_picks_the_highest_epoch(tmp_path):
     for epoch in (2, 10, 9):
         (tmp_path / 'snapshot_epoch_{}'.format(epoch)).write_bytes(b'')
     (tmp_path / 'snapshot_epoch_x').write_bytes(b'')
-    assert train.newest_snapshot(str(tmp_path)).endswith('snapshot_epoch_10')
-    assert train.newest_snapshot(str(tmp_path / 'none')) is None
+    newest = training_extensions.newest_snapshot
+    assert newest(str(tmp_path)).endswith('snapshot_epoch_10')
+    assert newest(str(tmp_path / 'none')) is None
 
 
 # -- bad input: one line on stderr, non-zero exit, nothing overwritten ------
@@ -147,31 +146,22 @@ def run_cli(*args, cwd=None):
                           capture_output=True, text=True, timeout=120)
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines, result.stderr
-    assert 'Traceback' not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-
-
 @pytest.mark.parametrize('args, fragments', [
-    (['-b', '0'], ['--batchsize', 'must be > 0']),
-    (['-e', '-3'], ['--epoch', 'must be > 0']),
+    (['-b', '0'], ['--batchsize', 'must be an integer > 0']),
+    (['-e', '-3'], ['--epoch', 'must be an integer > 0']),
     (['--dataset', 'cifar'], ['--dataset', 'invalid choice']),
-    (['--routing', '0'], ['--routing', 'must be > 0']),
-    (['--decay', '1.5'], ['--decay', 'must be in (0, 1]']),
-    (['--input-size', '20'], ['--input-size must be >= 28']),
+    (['--routing', '0'], ['--routing', 'must be an integer > 0']),
+    (['--decay', '1.5'], ['--decay', "a number in (0, 1], got '1.5'"]),
+    (['--input-size', '20'], ['--input-size', "an integer >= 28, got '20'"]),
+    (['--seed', 'x'], ['--seed', "must be an integer, got 'x'"]),
 ])
 def test_bad_flags_give_one_clear_line(args, fragments):
-    assert_one_line_error(run_cli(*args), *fragments)
+    assert_one_error(run_cli(*args), *fragments)
 
 
 def test_missing_dataset_file_gives_one_clear_line(tmp_path):
     result = run_cli('--data-dir', str(tmp_path), '-o', str(tmp_path / 'o'))
-    assert_one_line_error(result, 'error:', 'train-images-idx3-ubyte.gz',
-                          str(tmp_path))
+    assert_one_error(result, 'train-images-idx3-ubyte.gz', str(tmp_path))
 
 
 def test_gpu_without_cupy_gives_one_clear_line(tmp_path):
@@ -179,14 +169,14 @@ def test_gpu_without_cupy_gives_one_clear_line(tmp_path):
     if cuda.available:  # else this would start a 30-epoch run on the GPU
         pytest.skip('CuPy works here; this test needs a machine without it')
     result = run_cli('-g', '0', '-o', str(tmp_path / 'o'))
-    assert_one_line_error(result, 'error:', 'CuPy')
+    assert_one_error(result, 'CuPy')
 
 
 def test_unwritable_out_gives_one_clear_line(tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('keep me')
     result = run_cli('-o', str(blocker / 'sub'), '--data-dir', str(tmp_path))
-    assert_one_line_error(result, 'error:', 'cannot write')
+    assert_one_error(result, 'cannot write')
     assert blocker.read_text() == 'keep me'
 
 
@@ -195,10 +185,15 @@ def test_resume_from_a_missing_or_foreign_snapshot(tmp_path):
     result = run_cli('--data-dir', MNIST, '--train-size', '100',
                      '--test-size', '50', '-o', str(tmp_path / 'o'),
                      '--resume', str(tmp_path / 'nope'))
-    assert_one_line_error(result, 'error:', 'does not exist')
+    assert_one_error(result, 'does not exist')
+    # -r is --resume (as in Chainer's examples); it was --routing once
+    result = run_cli('--data-dir', MNIST, '--train-size', '100',
+                     '--test-size', '50', '-o', str(tmp_path / 'o'),
+                     '-r', '3')
+    assert_one_error(result, 'snapshot 3 does not exist', '--routing 3')
     foreign = tmp_path / 'foreign.npz'
     numpy.savez(str(foreign), x=numpy.zeros(2))
     result = run_cli('--data-dir', MNIST, '--train-size', '100',
                      '--test-size', '50', '-o', str(tmp_path / 'o'),
                      '--resume', str(foreign))
-    assert_one_line_error(result, 'error:', 'cannot resume')
+    assert_one_error(result, 'cannot resume')

@@ -1,0 +1,63 @@
+"""Running a model on a device: the tools' device choice (``--device``),
+inference over many batches, and copying results back to NumPy."""
+import contextlib
+
+import numpy
+
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import chainer
+from chainer import backend
+
+import cli
+import fast_ops
+
+
+def cupy_problem():
+    """Why Chainer cannot use CuPy, in one line (the error it kept)."""
+    from chainer.backends import cuda
+    error = getattr(cuda, '_resolution_error', None)
+    if error is None:
+        return 'no reason recorded'
+    text = ' '.join(str(error).split())
+    return '{}: {}'.format(type(error).__name__, text) if text else \
+        type(error).__name__
+
+
+def select_device(args, status=1):
+    """chainer Device for ``args.device`` (--device/-d or --gpu/-g), or exit
+    with one line.
+
+    On the CPU it also lets malloc keep freed memory for the next batch
+    (``fast_ops.keep_freed_memory``), which doubles training speed there.
+    """
+    spec = cli.device_spec(args.device)
+    if 'cupy' in spec:
+        from chainer.backends import cuda
+        if not cuda.available:
+            cli.fail('{} needs CuPy with a working CUDA GPU, and CuPy cannot '
+                     'be used here ({}); install the CuPy for your CUDA (see '
+                     'README.md, Install: cupy-cuda12x or cupy-cuda13x) or '
+                     'run on the CPU with -d @numpy'.format(
+                         spec, cupy_problem()), status)
+    try:
+        device = chainer.get_device(spec)
+        device.use()
+    except Exception as e:  # chainer raises several kinds here
+        cli.fail('cannot use device {}: {}; check --device/-d'.format(
+            spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
+            status)
+    if device.xp is numpy:
+        fast_ops.keep_freed_memory()  # its docstring says why
+    return device
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Test mode, no graph, and the model's fixed-weight context."""
+    with chainer.using_config('train', False), chainer.no_backprop_mode(), \
+            model.inference():
+        yield
+
+
+def to_cpu(array):
+    return numpy.asarray(backend.CpuDevice().send(array))

@@ -1,0 +1,189 @@
+"""The pieces train.py puts into its Trainer (as Chainer's examples keep
+them beside train_mnist.py): the augmenting updater, the exact evaluator,
+and the extensions that record options, the accuracy history and the best
+model; plus ``newest_snapshot`` for --autoload and experiments.py.
+"""
+import collections
+import copy
+import glob
+import json
+import os
+import re
+
+import numpy
+
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import chainer
+from chainer import training
+from chainer.training import extensions
+
+import datasets
+import model_io
+
+SNAPSHOT_PREFIX = 'snapshot_epoch_'
+SNAPSHOT_NAME = SNAPSHOT_PREFIX + '{.updater.epoch}'  # for extensions.snapshot
+
+
+def snapshots(out):
+    """{epoch: path} of the epoch snapshots in folder ``out``."""
+    found = {}
+    for path in glob.glob(os.path.join(out, SNAPSHOT_PREFIX + '*')):
+        match = re.search(re.escape(SNAPSHOT_PREFIX) + r'(\d+)$', path)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def newest_snapshot(out):
+    """Path of the snapshot with the highest epoch in ``out``, or None."""
+    found = snapshots(out)
+    return found[max(found)] if found else None
+
+
+def serialize_random_state(serializer, random_state):
+    """Save or restore a numpy RandomState (MT19937) through a serializer."""
+    kind, keys, pos, has_gauss, gauss = random_state.get_state()
+    keys = serializer('keys', keys)
+    pos = serializer('pos', numpy.asarray(pos))
+    has_gauss = serializer('has_gauss', numpy.asarray(has_gauss))
+    gauss = serializer('gauss', numpy.asarray(gauss))
+    random_state.set_state(
+        (kind, numpy.asarray(keys, dtype=numpy.uint32), int(pos),
+         int(has_gauss), float(gauss)))
+
+
+class AugmentingUpdater(training.updaters.StandardUpdater):
+    """StandardUpdater that shifts each training image independently.
+
+    Its random states (the shifts' and the iterator's shuffling) are part of
+    the snapshot, so a resumed run draws what the uninterrupted run would.
+    """
+
+    def __init__(self, iterator, optimizer, max_shift, shift_random,
+                 order_random, device):
+        super().__init__(iterator, optimizer, device=device,
+                         converter=self._convert)
+        self.max_shift = max_shift
+        self.shift_random = shift_random
+        self.order_random = order_random
+
+    def _convert(self, batch, device):
+        x, t = chainer.dataset.concat_examples(batch)
+        x = datasets.random_shift(x, self.max_shift, self.shift_random)
+        return (chainer.dataset.to_device(device, x),
+                chainer.dataset.to_device(device, t))
+
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        for name, state in (('shift_random', self.shift_random),
+                            ('order_random', self.order_random)):
+            serialize_random_state(serializer[name], state)
+
+
+class RecordOptions(training.Extension):
+    """Keeps the network's and the data's options in every snapshot.
+
+    Most options leave the parameter shapes alone (W has the same shape for
+    every routing count r), so a snapshot would otherwise load silently into
+    a differently configured run. Loading one made with other options raises
+    ValueError naming the differences.
+    """
+    trigger = None  # never called: it only rides along in the snapshots
+
+    def __init__(self, options):
+        self.options = options
+
+    def serialize(self, serializer):
+        if not isinstance(serializer, chainer.serializer.Deserializer):
+            serializer('options', numpy.asarray(
+                json.dumps(self.options, sort_keys=True)))
+            return
+        try:
+            stored = json.loads(str(serializer('options', None)[()]))
+        except KeyError:
+            return  # a snapshot from before options were recorded
+        differences = ['{}={} in the snapshot, {} asked'.format(
+            key, stored.get(key), self.options.get(key))
+            for key in sorted(set(stored) | set(self.options))
+            if stored.get(key) != self.options.get(key)]
+        if differences:
+            raise ValueError(
+                'the snapshot was made with other options: {}; resume with '
+                'the same flags or use another --out'.format(
+                    ', '.join(differences)))
+
+
+class ExactEvaluator(extensions.Evaluator):
+    """Evaluator whose means are weighted by batch size, so the accuracy is
+    the exact fraction of correct examples even when the last batch is
+    short (Chainer's Evaluator weights every batch alike). The pass runs in
+    the model's ``inference()`` context: its weights are fixed, so the fast
+    CPU kernels can reuse their weight transforms."""
+
+    def evaluate(self):
+        iterator = self._iterators['main']
+        model = self._targets['main']
+        if hasattr(iterator, 'reset'):
+            iterator.reset()
+            it = iterator
+        else:
+            it = copy.copy(iterator)
+        summaries = collections.defaultdict(chainer.reporter.Summary)
+        with model.inference(), chainer.using_config('train', False), \
+                chainer.no_backprop_mode():
+            for batch in it:
+                x, t = chainer.dataset.convert._call_converter(
+                    self.converter, batch, self.device)
+                observation = {}
+                with chainer.reporter.report_scope(observation):
+                    (self.eval_func or model)(x, t)
+                for key, value in observation.items():
+                    summaries[key].add(value, weight=len(batch))
+        return {key: summary.compute_mean()
+                for key, summary in summaries.items()}
+
+
+class FinalReport(training.Extension):
+    """Remember the last and the best (on the test set) test accuracy."""
+
+    trigger = (1, 'epoch')
+    priority = training.PRIORITY_READER
+
+    def __init__(self, key):
+        self.key = key
+        self.history = []
+
+    def __call__(self, trainer):
+        value = trainer.observation.get(self.key)
+        if value is not None:
+            self.history.append((trainer.updater.epoch, float(value)))
+
+    def serialize(self, serializer):
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            # its length varies, so read it whole instead of into an array
+            history = serializer('history', None)
+        else:
+            history = serializer('history', numpy.asarray(
+                self.history, dtype=numpy.float64).reshape(-1, 2))
+        self.history = [(int(e), float(a)) for e, a in
+                        numpy.asarray(history).reshape(-1, 2)]
+
+
+class SaveBest(training.Extension):
+    """Save the model whenever the held-out validation accuracy improves."""
+
+    trigger = (1, 'epoch')
+    priority = training.PRIORITY_READER
+
+    def __init__(self, key, path):
+        self.key, self.path, self.best = key, path, -1.0
+
+    def __call__(self, trainer):
+        value = trainer.observation.get(self.key)
+        if value is not None and float(value) > self.best:
+            self.best = float(value)
+            model_io.save_model(self.path, trainer.updater.get_optimizer(
+                'main').target)
+
+    def serialize(self, serializer):
+        self.best = float(serializer('best', self.best))
