@@ -35,7 +35,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EPOCH_MARGIN = 1.35   # an epoch also evaluates 10,000 test images
+EPOCH_MARGIN = 1.8   # measured on an H200: shifts, copies, logging and the test pass
 
 
 def parse_args(argv=None):
@@ -157,14 +157,14 @@ class Check:
                os.path.dirname(os.path.abspath(self.args.data_dir))}
         if self.args.dry_run:   # the units only: the rest trains on the CPU
             env['CAPSNET_TEST_DEVICE'] = '@numpy'
-            runs = [('gpu_tests', 'gpu and unit_matches_cpu')]
+            runs = [('gpu_tests', ['-m', 'gpu', '-k', 'unit_matches_cpu'])]
         else:
-            runs = [('gpu_tests', 'gpu and not slow'),
-                    ('gpu_tests_slow', 'gpu and slow')]
+            runs = [('gpu_tests', ['-m', 'gpu and not slow']),
+                    ('gpu_tests_slow', ['-m', 'gpu and slow'])]
         for step, selection in runs:
             status, output = self.run(
                 step, [sys.executable, '-m', 'pytest', '-q', '--tb=short',
-                       '-p', 'no:cacheprovider', '-m', selection, 'tests'],
+                       '-p', 'no:cacheprovider', 'tests'] + selection,
                 step + '.log', 0.4 * self.seconds_left(), env)
             lines = [line for line in output.splitlines() if line.strip()]
             self.summary['steps'][step]['result'] = lines[-1] if lines \
@@ -233,7 +233,7 @@ class Check:
         speed = row.get('train_samples_per_s')
         if not speed:
             return 1
-        epoch_s = EPOCH_MARGIN * 60000 / speed + 20
+        epoch_s = EPOCH_MARGIN * 60000 / speed + 5
         return int(max(1, min(self.args.max_epochs, seconds // epoch_s)))
 
     def training(self):
