@@ -30,9 +30,6 @@ def parse_args(argv=None):
     add = parser.add_argument
     add('--batchsize', '-b', type=cli.positive_int, default=100,
         help='examples per training step')
-    add('--device', '-d', default='@numpy',
-        help='Chainer device: @numpy (CPU, the default) or @cupy:N for GPU '
-             'N')
     add('--eval-batchsize', type=cli.positive_int, default=None,
         help='examples per evaluation step (default: --batchsize)')
     add('--threads', type=cli.positive_int, default=None,
@@ -53,6 +50,7 @@ def parse_args(argv=None):
     add('--default-malloc', action='store_true',
         help='leave glibc returning freed memory to the system (see '
              'fast_ops.keep_freed_memory)')
+    cli.add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -81,6 +79,7 @@ def time_calls(function, warmup, repeats, synchronize=lambda: None):
 
 def measure(model, optimizer, x, t, x_eval, args, synchronize):
     """(training samples/s, evaluation samples/s) for one implementation."""
+    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
 
     def train_step():
@@ -112,6 +111,7 @@ def profile(model, optimizer, x, t, args, synchronize):
     the device (the Python and launch side alone; on the CPU the same as
     the step).
     """
+    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     from chainer.function_hooks import TimerHook
 
     def forward_backward():
@@ -167,11 +167,12 @@ def main(argv=None):
     # before any timing, so that both implementations run under it
     kept = False if args.default_malloc else fast_ops.keep_freed_memory()
 
+    args.device = cli.device_spec(args.device)
     try:
         device = chainer.get_device(args.device)
         device.use()
     except Exception as e:  # chainer raises several kinds here
-        sys.exit('error: cannot use device {} ({}); check --device'.format(
+        cli.fail('cannot use device {} ({}); check --device'.format(
             args.device, ' '.join(str(e).split()) or type(e).__name__))
     on_gpu = device.xp is not numpy
     if on_gpu:

@@ -51,6 +51,9 @@ Warnings kept off the screen (and only these):
 - Chainer's "cuDNN is not enabled" (UserWarning) from
   ``check_cuda_available``: CuPy 14 has no cuDNN module, and Chainer then
   uses its own CUDA kernels for every function this project calls.
+- CuPy's "nccl library could not be loaded" (UserWarning, nine lines, at
+  every import of CuPy 13 and 14 when NCCL is not installed): NCCL serves
+  multi-GPU communication only, which single-process training never uses.
 """
 import importlib
 import importlib.metadata
@@ -63,6 +66,8 @@ import numpy
 # the Chainer message that CuPy >= 14 triggers on every GPU start
 warnings.filterwarnings('ignore', message=r'cuDNN is not enabled',
                         category=UserWarning)
+warnings.filterwarnings('ignore', message=r'\s*nccl library could not be '
+                        r'loaded', category=UserWarning)
 
 
 def _restore_sctypes():

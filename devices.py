@@ -35,9 +35,10 @@ def select_device(args, status=1):
         from chainer.backends import cuda
         if not cuda.available:
             cli.fail('{} needs CuPy with a working CUDA GPU, and CuPy cannot '
-                     'be used here ({}); install the CuPy for your CUDA (see '
-                     'README.md, Install: cupy-cuda12x or cupy-cuda13x) or '
-                     'run on the CPU with -d @numpy'.format(
+                     'be used here ({}); install CuPy with the CUDA libraries '
+                     'for your driver (README.md, Install: pip install '
+                     '"cupy-cuda13x[ctk]" for CUDA 13, "cupy-cuda12x[ctk]" '
+                     'for CUDA 12) or run on the CPU with -d @numpy'.format(
                          spec, cupy_problem()), status)
     try:
         device = chainer.get_device(spec)

@@ -26,7 +26,6 @@ as it exists (so an interrupted check keeps what it measured):
 CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
 script itself, not a measurement.
 """
-import argparse
 import json
 import os
 import platform
@@ -34,14 +33,15 @@ import subprocess
 import sys
 import time
 
+import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EPOCH_MARGIN = 1.8   # measured on an H200: shifts, copies, logging and the test pass
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', '-d', default='@cupy:0',
-                        help='Chainer device to check (default @cupy:0)')
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_device_arguments(parser, default='@cupy:0')
     parser.add_argument('--data-dir', required=True,
                         help='folder with the four MNIST *-ubyte.gz files')
     parser.add_argument('--out', '-o', default='gpu-check',
@@ -51,23 +51,22 @@ def parse_args(argv=None):
                         'to time beside ours; skipped when not given')
     parser.add_argument('--batchsizes', default='100,128',
                         help='comma-separated batch sizes to benchmark')
-    parser.add_argument('--budget-minutes', type=float, default=8.0,
+    parser.add_argument('--budget-minutes', type=cli.positive_float,
+                        default=8.0,
                         help='time for the whole check; the training gets '
                         'what the earlier steps leave (default 8)')
-    parser.add_argument('--max-epochs', type=int, default=50,
+    parser.add_argument('--max-epochs', type=cli.positive_int, default=50,
                         help='never train longer than this')
     parser.add_argument('--dry-run', action='store_true',
                         help='on the CPU at toy sizes: tests this script')
     args = parser.parse_args(argv)
     try:
-        args.batchsizes = [int(b) for b in args.batchsizes.split(',')]
-    except ValueError:
-        parser.error('--batchsizes must be integers separated by commas, '
-                     'got {!r}'.format(args.batchsizes))
-    if not args.batchsizes or min(args.batchsizes) <= 0:
-        parser.error('--batchsizes must be > 0')
-    if args.budget_minutes <= 0 or args.max_epochs <= 0:
-        parser.error('--budget-minutes and --max-epochs must be > 0')
+        args.batchsizes = [cli.positive_int(b)
+                           for b in args.batchsizes.split(',')]
+    except Exception:
+        parser.error("argument --batchsizes: must be integers > 0 separated "
+                     "by commas, got {!r}".format(args.batchsizes))
+    args.device = cli.device_spec(args.device)
     if not os.path.isdir(args.data_dir):
         parser.error('--data-dir {} is not a folder'.format(args.data_dir))
     if args.dry_run:

@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import datasets
 import model_io
 import train
