@@ -23,6 +23,7 @@ from chainer.training import extensions
 import cli
 import datasets
 import devices
+import distributed
 import model_io
 import nets
 import training_extensions as ext
@@ -89,6 +90,11 @@ def build_parser():
     add('--snapshot-keep', type=cli.positive_int, default=2,
         help='how many epoch snapshots to keep')
     add('--no-progress', action='store_true', help='hide the progress bar')
+    add('--communicator', default=None, choices=distributed.COMMUNICATORS,
+        help='data-parallel training with ChainerMN over MPI, launched as '
+             'mpiexec -n N python train.py --communicator naive ...; -b is '
+             'then the batch of each process (naive on the CPU; pure_nccl, '
+             'flat, ... on GPUs, one per process)')
     return parser
 
 
@@ -123,12 +129,16 @@ def report_keys(model, validation):
     return keys + ['alpha', 'elapsed_time']
 
 
-def resume(trainer, args):
+def resume(trainer, args, comm=None):
     """Load --resume (or, with --autoload, the newest snapshot in --out)
-    into the trainer; one error line if it cannot be used."""
+    into the trainer; one error line if it cannot be used. Under MPI each
+    rank loads its own snapshot of the same epoch."""
     path = args.resume
+    if comm is not None and path is not None:
+        path = distributed.rank_path(comm, path)
     if path is None and args.autoload:
-        path = ext.newest_snapshot(args.out)
+        path = ext.newest_snapshot(args.out) if comm is None else \
+            distributed.common_snapshot(comm, args.out)
     if not path:
         return
     if not os.path.exists(path):
@@ -146,14 +156,19 @@ def resume(trainer, args):
     print('resumed from {} at epoch {}'.format(path, trainer.updater.epoch))
 
 
-def write_summary(args, model, n_params, train, validation, test, final):
+def write_summary(args, model, n_params, sizes, validation, final,
+                  comm=None):
     """Print the final and the lowest test error; write final.json."""
+    train_size, test_size = sizes
     summary = {'arch': args.arch, 'dataset': args.dataset,
                'options': model.options, 'epochs': args.epoch,
-               'parameters': int(n_params), 'train_size': len(train),
+               'parameters': int(n_params), 'train_size': train_size,
                'validation_size': len(validation) if validation else 0,
-               'test_size': len(test), 'seed': args.seed,
+               'test_size': test_size, 'seed': args.seed,
                'batchsize': args.batchsize}
+    if comm is not None:
+        summary.update(processes=comm.size, communicator=args.communicator,
+                       global_batchsize=comm.size * args.batchsize)
     if final.history:
         last_epoch, last_acc = final.history[-1]
         best_epoch, best_acc = max(final.history, key=lambda h: h[1])
@@ -161,7 +176,7 @@ def write_summary(args, model, n_params, train, validation, test, final):
             final_epoch=last_epoch, final_test_error=1 - last_acc,
             best_on_test_epoch=best_epoch, best_on_test_error=1 - best_acc)
         print('final-epoch test error: {:.2f}% (epoch {}, {} test examples)'
-              .format(100 * (1 - last_acc), last_epoch, len(test)))
+              .format(100 * (1 - last_acc), last_epoch, test_size))
         print('lowest test error over epochs: {:.2f}% (epoch {}; chosen on '
               'the test set, so optimistic)'.format(100 * (1 - best_acc),
                                                     best_epoch))
@@ -173,6 +188,13 @@ def main(argv=None):
     # Flags, and the output paths checked before anything is computed
     parser = build_parser()
     args = parser.parse_args(argv)
+    comm = None
+    if args.communicator:   # MPI: this process is one rank of several
+        args.device = cli.device_spec(args.device)
+        comm = distributed.communicator(args.communicator, args.device)
+        distributed.quiet_unless_root(comm)
+        args.device = distributed.rank_device(comm, args.device)
+    root = comm is None or comm.rank == 0
     device = devices.select_device(args)
     if args.impl == 'fast' and args.arch == 'baseline' and \
             device.xp is not numpy:
@@ -191,6 +213,9 @@ def main(argv=None):
             input_size=args.input_size)
     except datasets.DatasetError as e:
         cli.fail(str(e))
+    full_sizes = len(train), len(test)
+    if comm is not None:   # each rank trains and tests on its own shard
+        train, test = distributed.scatter(comm, train, test, args.seed)
 
     # Model, initialised from --seed, on the device (CuPy's generator too:
     # the baseline's dropout draws from it there)
@@ -202,17 +227,28 @@ def main(argv=None):
     print('{}: {} parameters ({})'.format(
         args.arch, '{:,}'.format(n_params), json.dumps(model.options)))
     print('train {} / validation {} / test {} examples of {}'.format(
-        len(train), len(validation) if validation else 0, len(test),
+        full_sizes[0], len(validation) if validation else 0, full_sizes[1],
         args.dataset))
+    if comm is not None:
+        print('{} processes ({} communicator), each with batch {} (global '
+              'batch {}) and about {} training examples'.format(
+                  comm.size, args.communicator, args.batchsize,
+                  comm.size * args.batchsize, len(train)))
     model.to_device(device)
 
-    # Optimizer
+    # Optimizer (under MPI: gradients averaged over the ranks, and every
+    # rank starts from rank 0's weights)
     optimizer = chainer.optimizers.Adam(alpha=args.alpha)
-    optimizer.setup(model)
+    if comm is None:
+        optimizer.setup(model)
+    else:
+        optimizer = distributed.optimizer(optimizer, comm, model)
 
-    # Iterators; the shuffling has its own random state (in the snapshots)
-    order_random = numpy.random.RandomState(args.seed + 1)
-    shift_random = numpy.random.RandomState(args.seed + 2)
+    # Iterators; the shuffling has its own random state (in the snapshots),
+    # one per rank under MPI
+    rank_seed = [] if comm is None else [comm.rank]
+    order_random = numpy.random.RandomState([args.seed + 1] + rank_seed)
+    shift_random = numpy.random.RandomState([args.seed + 2] + rank_seed)
     train_iter = chainer.iterators.SerialIterator(
         train, args.batchsize,
         order_sampler=chainer.iterators.ShuffleOrderSampler(order_random))
@@ -223,20 +259,27 @@ def main(argv=None):
     updater = ext.AugmentingUpdater(train_iter, optimizer, args.max_shift,
                                     shift_random, order_random, device)
 
-    # Trainer
-    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+    # Trainer; under MPI rank r > 0 keeps its snapshots in --out/rank<r>
+    out = args.out if comm is None else distributed.rank_folder(args.out,
+                                                                comm)
+    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=out)
 
     # Extensions: evaluation on the test set (and the validation set)
-    trainer.extend(ext.ExactEvaluator(test_iter, model, device=device),
-                   name='test')
+    if comm is None:
+        trainer.extend(ext.ExactEvaluator(test_iter, model, device=device),
+                       name='test')
+    else:
+        trainer.extend(distributed.MultiNodeExactEvaluator(
+            comm, test_iter, model, device=device), name='test')
     if validation is not None:
         val_iter = chainer.iterators.SerialIterator(
             validation, args.eval_batchsize, repeat=False, shuffle=False)
         trainer.extend(ext.ExactEvaluator(val_iter, model, device=device),
-                       name='val')
-        trainer.extend(ext.SaveBest(
-            'val/main/accuracy', os.path.join(args.out,
-                                              'model_best_val.npz')))
+                       name='val')   # every rank: the whole validation set
+        if root:
+            trainer.extend(ext.SaveBest(
+                'val/main/accuracy', os.path.join(args.out,
+                                                  'model_best_val.npz')))
     # ... the learning rate's decay, and a stop on NaN
     if args.decay < 1:
         trainer.extend(extensions.ExponentialShift(
@@ -254,9 +297,30 @@ def main(argv=None):
         model.options, arch=args.arch, dataset=args.dataset)),
         name='options')
     # ... the log, the test accuracy history, plots and the printed report
-    trainer.extend(extensions.LogReport())
+    # (rank 0 alone under MPI)
     final = ext.FinalReport('test/main/accuracy')
     trainer.extend(final)
+    if root:
+        add_reports(trainer, args, model, validation)
+
+    # Resume from --resume, or the newest snapshot with --autoload
+    resume(trainer, args, comm)
+
+    # Run
+    trainer.run()
+
+    # Save the model and the summary (rank 0 under MPI)
+    if root:
+        if args.save:
+            model_io.save_model(args.save, model)
+            print('model saved to {}'.format(args.save))
+        write_summary(args, model, n_params, full_sizes, validation, final,
+                      comm)
+
+
+def add_reports(trainer, args, model, validation):
+    """The log, plots, the printed report and the progress bar."""
+    trainer.extend(extensions.LogReport())
     if extensions.PlotReport.available():
         trainer.extend(extensions.PlotReport(
             ['main/loss', 'test/main/loss'], 'epoch', file_name='loss.png'))
@@ -266,18 +330,6 @@ def main(argv=None):
     trainer.extend(extensions.PrintReport(report_keys(model, validation)))
     if not args.no_progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
-
-    # Resume from --resume, or the newest snapshot with --autoload
-    resume(trainer, args)
-
-    # Run
-    trainer.run()
-
-    # Save the model and the summary
-    if args.save:
-        model_io.save_model(args.save, model)
-        print('model saved to {}'.format(args.save))
-    write_summary(args, model, n_params, train, validation, test, final)
 
 
 if __name__ == '__main__':

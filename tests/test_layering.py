@@ -15,7 +15,7 @@ LAYERS = [
     ('data', {'datasets'}),
     ('model and kernels', {'fast_ops', 'baseline', 'nets'}),
     ('files, figures and devices', {'model_io', 'figures', 'devices'}),
-    ('training pieces', {'training_extensions'}),
+    ('training pieces', {'training_extensions', 'distributed'}),
     ('tools', {'train', 'visualize', 'evaluate', 'predict', 'experiments',
                'benchmark', 'gpu_check'}),
 ]
