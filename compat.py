@@ -85,15 +85,21 @@ def _restore_sctypes():
     return True
 
 
-def _stand_in_system_info():
-    """Patch 2: numpy.distutils.system_info with an empty get_info."""
+def _imports(name):
+    """Whether module ``name`` imports (its own warnings silenced)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            importlib.import_module('numpy.distutils.system_info')
-        return False
+            importlib.import_module(name)
+        return True
     except ImportError:
-        pass
+        return False
+
+
+def _stand_in_system_info():
+    """Patch 2: numpy.distutils.system_info with an empty get_info."""
+    if _imports('numpy.distutils.system_info'):
+        return False
     distutils = types.ModuleType('numpy.distutils')
     system_info = types.ModuleType('numpy.distutils.system_info')
     system_info.get_info = lambda name, notfound_action=0: {}
@@ -142,13 +148,8 @@ def _get_distribution(name):
 
 def _stand_in_pkg_resources():
     """Patch 3: pkg_resources, real if installed, else a stand-in."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            importlib.import_module('pkg_resources')
+    if _imports('pkg_resources'):
         return False
-    except ImportError:
-        pass
     module = types.ModuleType('pkg_resources')
     module.__doc__ = 'Stand-in made by compat.py for Chainer 7.8.1.'
     module.ResolutionError = _ResolutionError
