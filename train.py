@@ -12,6 +12,9 @@ training_extensions.py; a snapshot is written every epoch and --resume /
 """
 import json
 import os
+import sys
+import zipfile
+import zlib
 
 import numpy
 
@@ -26,6 +29,9 @@ import devices
 import model_io
 import nets
 import training_extensions as ext
+from chainer.training.extensions import snapshot_writers
+
+INTERRUPTED = 'interrupted; resume with --autoload'
 
 
 def build_parser():
@@ -45,7 +51,7 @@ def build_parser():
         help='examples per training step')
     add('--epoch', '--epochs', '-e', type=cli.positive_int, default=30,
         help='epochs to train')
-    add('--seed', '-s', type=cli.integer, default=0,
+    add('--seed', '-s', type=cli.seed, default=0,
         help='seed of the initialisation, the shuffling and the shifts')
     add('--alpha', type=cli.positive_float, default=1e-3,
         help="Adam's learning rate")
@@ -73,7 +79,7 @@ def build_parser():
         help='add the decoder and its 0.0005-scaled reconstruction loss')
     add('--activation', default='relu', choices=['relu', 'leaky_relu'],
         help='Conv1 activation')
-    add('--leaky-slope', type=cli.number, default=0.01,
+    add('--leaky-slope', type=cli.number_in(-1, 1), default=0.01,
         help='slope of leaky_relu below 0')
     add('--share-weights', action='store_true',
         help='share W_ij over the 6x6 grid (the older implementation)')
@@ -112,6 +118,57 @@ def build_model(args):
     return model
 
 
+def memory_estimate(args):
+    """Rough bytes a training run needs (parameters with their gradients and
+    Adam's two moments, plus one step's and one evaluation batch's
+    activations), from the shapes alone: nothing is allocated."""
+    side = args.input_size
+    if args.arch == 'capsnet':
+        grid = nets.primary_grid(side)
+        n_primary = 32 * grid * grid
+        params = (256 * 81 + 256 * 256 * 81 + 10 * 16 * 8 *
+                  (32 if args.share_weights else n_primary))
+        if args.reconstruct:
+            params += 160 * 512 + 512 * 1024 + 1024 * side * side
+        per_example = 4 * (8 * n_primary * 160 + 3 * 256 * (side - 8) ** 2 +
+                           2 * side * side)
+    else:
+        params = 128 * side * side * 328 + 256 * 256 * 25 + 256 * 128 * 25
+        per_example = 4 * 3 * (256 + 256 + 128 + 1) * side * side
+    return (16 * params + per_example * args.batchsize +
+            per_example // 2 * args.eval_batchsize)
+
+
+def check_memory(args):
+    """Refuse up front a configuration that cannot fit in memory."""
+    need, have = memory_estimate(args), devices.physical_memory()
+    if have and need > have:
+        cli.fail('this configuration needs about {:.1f} GB of memory (--arch '
+                 '{}, --input-size {}, --batchsize {}, --eval-batchsize {}) '
+                 'and the machine has {:.1f} GB; lower --input-size or the '
+                 'batch sizes'.format(need / 1e9, args.arch, args.input_size,
+                                      args.batchsize, args.eval_batchsize,
+                                      have / 1e9))
+
+
+def snapshot_bytes(model):
+    """Bytes of one snapshot (uncompressed): the parameters, Adam's two
+    moments and a little state."""
+    return 3 * 4 * nets.count_parameters(model) + (1 << 20)
+
+
+class AtomicSnapshotWriter(snapshot_writers.Writer):
+    """Snapshots through model_io.atomic_write: a full disk is one line
+    naming the file and the space it needs, an interrupt leaves no
+    temporary folder, and the previous snapshot stays intact."""
+
+    def __call__(self, filename, outdir, target):
+        model_io.atomic_write(
+            os.path.join(outdir, filename),
+            lambda f: chainer.serializers.save_npz(f, target))
+        self._post_save()
+
+
 def report_keys(model, validation):
     """The columns PrintReport shows."""
     keys = ['epoch', 'main/loss', 'main/margin_loss']
@@ -123,19 +180,68 @@ def report_keys(model, validation):
     return keys + ['alpha', 'elapsed_time']
 
 
+DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def readable_snapshot(path):
+    """None if every array of the snapshot at ``path`` reads (CRCs and
+    all), else why not."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            for name in npz.files:
+                npz[name]
+    except DAMAGED as e:
+        return '{}: {}'.format(type(e).__name__, str(e).splitlines()[0]
+                               if str(e) else '')
+    return None
+
+
+def autoload_path(out):
+    """The newest intact snapshot in ``out`` (None if there is none); the
+    damaged newer ones are skipped, and that is said."""
+    found = ext.snapshots(out)
+    for epoch in sorted(found, reverse=True):
+        problem = readable_snapshot(found[epoch])
+        if problem is None:
+            return found[epoch]
+        print('skipping the damaged snapshot {} ({})'.format(
+            found[epoch], problem), flush=True)
+    return None
+
+
+def check_recorded(trainer, path):
+    """Compare the options and settings a snapshot recorded with this run's
+    before loading it, so a conflict is named (and not found later as a
+    shape error of some array)."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            for name in ('options', 'settings'):
+                trainer.get_extension(name).serialize(
+                    chainer.serializers.NpzDeserializer(
+                        npz, path='extensions/{}/'.format(name)))
+    except ValueError as e:
+        if 'in the snapshot' not in str(e):
+            return  # not readable: load_npz below says so
+        cli.fail('cannot resume from {}: {}'.format(path, e))
+    except Exception:  # not readable: load_npz below says so
+        return
+
+
 def resume(trainer, args):
-    """Load --resume (or, with --autoload, the newest snapshot in --out)
-    into the trainer; one error line if it cannot be used."""
+    """Load --resume (or, with --autoload, the newest intact snapshot in
+    --out) into the trainer; one error line if it cannot be used. Returns
+    the path resumed from, or None."""
     path = args.resume
     if path is None and args.autoload:
-        path = ext.newest_snapshot(args.out)
+        path = autoload_path(args.out)
     if not path:
-        return
+        return None
     if not os.path.exists(path):
         hint = ' (-r is short for --resume; the routing count is ' \
                '--routing {})'.format(path) if path.isdigit() else ''
         cli.fail('snapshot {} does not exist; check --resume{}'
                  .format(path, hint))
+    check_recorded(trainer, path)
     try:
         chainer.serializers.load_npz(path, trainer)
     except Exception as e:
@@ -143,17 +249,38 @@ def resume(trainer, args):
                  'this configuration'.format(
                      path, type(e).__name__,
                      str(e).splitlines()[0] if str(e) else ''))
-    print('resumed from {} at epoch {}'.format(path, trainer.updater.epoch))
+    epoch = trainer.updater.epoch
+    if epoch > args.epoch:
+        cli.fail('{} is at epoch {}, beyond --epoch {}; pass --epoch {} or '
+                 'more to continue it, or use another --out'.format(
+                     path, epoch, args.epoch, epoch))
+    print('resumed from {} at epoch {}'.format(path, epoch))
+    return path
 
 
-def write_summary(args, model, n_params, train, validation, test, final):
+def run_settings(args):
+    """The settings a snapshot fixes besides the network: resuming with
+    others is refused (RecordOptions), so final.json holds what was used."""
+    return dict(batchsize=args.batchsize, seed=args.seed, alpha=args.alpha,
+                decay=args.decay, alpha_floor=args.alpha_floor,
+                train_size=args.train_size, test_size=args.test_size,
+                validation=args.validation, max_shift=args.max_shift)
+
+
+def write_summary(args, model, n_params, train, validation, test, final,
+                  resumed_from=None):
     """Print the final and the lowest test error; write final.json."""
     summary = {'arch': args.arch, 'dataset': args.dataset,
                'options': model.options, 'epochs': args.epoch,
                'parameters': int(n_params), 'train_size': len(train),
                'validation_size': len(validation) if validation else 0,
                'test_size': len(test), 'seed': args.seed,
-               'batchsize': args.batchsize}
+               'batchsize': args.batchsize, 'alpha': args.alpha,
+               'decay': args.decay, 'alpha_floor': args.alpha_floor,
+               'max_shift': args.max_shift,
+               'eval_batchsize': args.eval_batchsize}
+    if resumed_from:
+        summary['resumed_from'] = resumed_from
     if final.history:
         last_epoch, last_acc = final.history[-1]
         best_epoch, best_acc = max(final.history, key=lambda h: h[1])
@@ -178,10 +305,21 @@ def main(argv=None):
             device.xp is not numpy:
         parser.error("--impl fast: the baseline's fast kernels are CPU-only; "
                      'use --impl auto or plain on the GPU')
+    if args.max_shift >= args.input_size:
+        parser.error('argument --max-shift: must be an integer below '
+                     '--input-size ({}), got {!r}'.format(
+                         args.input_size, str(args.max_shift)))
+    check_memory(args)
+    if args.save and os.path.isdir(args.save):
+        cli.fail('--save {} is a folder; give a file name, e.g. {}'
+                 .format(args.save, os.path.join(args.save, 'model')))
     cli.check_writable(args.out)
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
                            '--save')
+    lock = model_io.lock_folder(args.out, 'train.py')
+    for path in model_io.remove_leftovers(args.out):
+        print('removed {}, left by an interrupted write'.format(path))
 
     # Data: (train, validation or None, test) TupleDatasets
     try:
@@ -205,6 +343,9 @@ def main(argv=None):
         len(train), len(validation) if validation else 0, len(test),
         args.dataset))
     model.to_device(device)
+    # room for two snapshots and the model, checked before the long run
+    cli.check_free_space(args.out, 2 * snapshot_bytes(model),
+                         'the snapshots')
 
     # Optimizer
     optimizer = chainer.optimizers.Adam(alpha=args.alpha)
@@ -248,11 +389,13 @@ def main(argv=None):
         trigger=(1, 'epoch'))
     # ... a snapshot every epoch, which records the options it was made with
     trainer.extend(extensions.snapshot(
-        filename=ext.SNAPSHOT_NAME, n_retains=args.snapshot_keep),
-        trigger=(1, 'epoch'))
+        filename=ext.SNAPSHOT_NAME, n_retains=args.snapshot_keep,
+        writer=AtomicSnapshotWriter()), trigger=(1, 'epoch'))
     trainer.extend(ext.RecordOptions(dict(
         model.options, arch=args.arch, dataset=args.dataset)),
         name='options')
+    trainer.extend(ext.RecordOptions(run_settings(args), what='settings',
+                                     allow_missing=True), name='settings')
     # ... the log, the test accuracy history, plots and the printed report
     trainer.extend(extensions.LogReport())
     final = ext.FinalReport('test/main/accuracy')
@@ -268,17 +411,29 @@ def main(argv=None):
         trainer.extend(extensions.ProgressBar(update_interval=10))
 
     # Resume from --resume, or the newest snapshot with --autoload
-    resume(trainer, args)
+    resumed_from = resume(trainer, args)
 
-    # Run
-    trainer.run()
+    # Run (a divergence is one line; an interrupt keeps the last snapshot)
+    try:
+        trainer.run(show_loop_exception_msg=False)
+    except RuntimeError as e:
+        if 'diverge' not in str(e):
+            raise
+        cli.fail('training diverged at epoch {}, iteration {} (a parameter '
+                 'became NaN or inf); try a lower --alpha (now {}), or '
+                 '--resume from an earlier snapshot in {} with a lower '
+                 '--alpha'.format('{:.2f}'.format(
+                     trainer.updater.epoch_detail),
+                     trainer.updater.iteration, args.alpha, args.out))
 
     # Save the model and the summary
     if args.save:
         model_io.save_model(args.save, model)
         print('model saved to {}'.format(args.save))
-    write_summary(args, model, n_params, train, validation, test, final)
+    write_summary(args, model, n_params, train, validation, test, final,
+                  resumed_from)
+    model_io.unlock(lock)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(cli.run_main(main, None, INTERRUPTED))
