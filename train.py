@@ -10,6 +10,7 @@ resume, run. The updater and the project's own extensions are in
 training_extensions.py; a snapshot is written every epoch and --resume /
 --autoload continue from one.
 """
+import errno
 import json
 import os
 import sys
@@ -416,6 +417,16 @@ def main(argv=None):
     # Run (a divergence is one line; an interrupt keeps the last snapshot)
     try:
         trainer.run(show_loop_exception_msg=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        newest = ext.newest_snapshot(args.out)
+        cli.fail('no space left on the disk while writing {} (a snapshot '
+                 'needs about {}); free some space and continue with '
+                 '--autoload{}'.format(
+                     e.filename or 'the log or the plots in ' + args.out,
+                     cli.megabytes(snapshot_bytes(model)),
+                     ' from {}'.format(newest) if newest else ''))
     except RuntimeError as e:
         if 'diverge' not in str(e):
             raise

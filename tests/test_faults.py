@@ -98,6 +98,33 @@ def test_train_on_a_disk_that_fills_keeps_the_last_epoch(
     assert train.readable_snapshot(str(first)) is None
 
 
+@pytest.mark.slow
+@needs_mnist
+def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
+                                              capsys):
+    """Chainer's LogReport finds the disk full: one line naming --out and
+    the intact snapshot to continue from."""
+    from chainer.training.extensions import log_report
+    out = tmp_path / 'out'
+
+    class FullDisk:
+        dumps, loads = staticmethod(json.dumps), staticmethod(json.loads)
+
+        @staticmethod
+        def dump(obj, f, **options):
+            if (out / 'snapshot_epoch_1').exists():
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            json.dump(obj, f, **options)
+    monkeypatch.setattr(log_report, 'json', FullDisk)
+    with pytest.raises(SystemExit):
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '3',
+                                  '-o', str(out)])
+    line = one_error_line(capsys.readouterr().err)
+    assert 'the log or the plots in {}'.format(out) in line, line
+    assert '--autoload from {}'.format(out / 'snapshot_epoch_1') in line
+    assert leftovers(str(out)) == []
+
+
 def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
                                                          monkeypatch,
                                                          capsys):
