@@ -7,9 +7,12 @@ the device flags (``--device/-d``, with ``--gpu/-g`` kept as an alias) and
 can use it (benchmark.py parses its flags before NumPy is imported).
 """
 import argparse
+import errno
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import tempfile
 
@@ -55,6 +58,21 @@ number = number_type(float, 'a number')
 positive_float = number_type(float, 'a number > 0', lambda v: v > 0)
 non_negative_float = number_type(float, 'a number >= 0', lambda v: v >= 0)
 fraction = number_type(float, 'a number in (0, 1]', lambda v: 0 < v <= 1)
+
+
+SEED_MAX = 2 ** 32 - 3  # train.py seeds with seed, seed + 1 and seed + 2
+seed = number_type(int, 'an integer from 0 to {}'.format(SEED_MAX),
+                   lambda v: 0 <= v <= SEED_MAX)
+
+
+def number_in(low, high):
+    return number_type(float, 'a number from {} to {}'.format(low, high),
+                       lambda v: low <= v <= high)
+
+
+def int_in(low, high):
+    return number_type(int, 'an integer from {} to {}'.format(low, high),
+                       lambda v: low <= v <= high)
 
 
 def int_at_least(low):
@@ -103,3 +121,82 @@ def check_writable(folder, what='--out', status=1):
     except OSError as e:
         fail('cannot write to {} ({}); choose another {}'.format(
             folder, e.strerror or e, what), status)
+
+
+# --------------------------------------------------------------------------
+# Faults: a full disk, Ctrl-C and SIGTERM, as one line (``run_main``)
+# --------------------------------------------------------------------------
+
+class DiskFullError(Exception):
+    """A write that found no room; the message names the file and the space
+    it needs. Raised by model_io.atomic_write and ``check_free_space``."""
+
+
+def megabytes(n_bytes):
+    return '{:.1f} MB'.format(n_bytes / 1e6)
+
+
+def free_bytes(folder):
+    """Free bytes on the disk holding ``folder`` (None if unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_free_space(folder, needed, what):
+    """Raise DiskFullError if ``folder``'s disk has less than ``needed``
+    bytes free; ``what`` says what needs them."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise DiskFullError(
+            'not enough free space in {} for {}: needs about {}, {} free; '
+            'free some space or choose another folder'.format(
+                folder, what, megabytes(needed), megabytes(free)))
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM, so that
+    ``finally`` blocks (temporary files) run as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_main(main, argv=None, interrupted='interrupted'):
+    """Run a tool's ``main(argv)`` and return its exit status.
+
+    Ctrl-C prints ``error: INTERRUPTED`` and gives 130, SIGTERM the same and
+    143 (the shells' 128 + signal); a full disk is one line naming the file
+    (status 1); never a traceback for these.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        return _interrupted(interrupted, 128 + signal.SIGINT)
+    except Terminated:
+        return _interrupted(interrupted, 128 + signal.SIGTERM)
+    except DiskFullError as e:
+        fail(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail('no space left on the disk while writing {}; free some space '
+             'or choose another folder'.format(e.filename or 'a file'))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(message, status):
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    print('error: ' + message, file=sys.stderr)
+    return status

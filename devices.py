@@ -1,6 +1,7 @@
 """Running a model on a device: the tools' device choice (``--device``),
 inference over many batches, and copying results back to NumPy."""
 import contextlib
+import os
 
 import numpy
 
@@ -58,6 +59,34 @@ def inference_mode(model):
     with chainer.using_config('train', False), chainer.no_backprop_mode(), \
             model.inference():
         yield
+
+
+def physical_memory():
+    """Bytes of RAM of this machine, or None if unknown."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def inference_bytes_per_example(model):
+    """Rough bytes one example takes in an inference pass of ``model``."""
+    side = model.input_size
+    if model.arch == 'capsnet':
+        return 4 * (3 * model.n_primary * 160 + 2 * 256 * (side - 8) ** 2 +
+                    2 * side * side)
+    return 4 * 3 * (256 + 256 + 128 + 1) * side * side
+
+
+def inference_batch(model, batchsize, share=0.25):
+    """``batchsize`` or, if a batch that large would take more than
+    ``share`` of the machine's memory, the largest batch that does not:
+    a huge -b / --eval-batchsize is split instead of exhausting memory."""
+    memory = physical_memory()
+    if not memory:
+        return batchsize
+    fits = max(1, int(memory * share) // inference_bytes_per_example(model))
+    return min(batchsize, fits)
 
 
 def to_cpu(array):

@@ -119,12 +119,18 @@ def optimizer(actual, comm, model):
     return wrapped
 
 
-def common_snapshot(comm, out):
-    """The newest epoch whose snapshot every rank has: this rank's path to
-    it, or None."""
-    mine = ext.snapshots(rank_folder(out, comm))
+def common_snapshot(comm, out, usable=lambda path: True):
+    """The newest epoch whose snapshot every rank has intact (``usable``):
+    this rank's path to it, or None when no rank has any. Snapshots on some
+    ranks only (made with another number of processes) are refused."""
+    mine = {epoch: path for epoch, path in
+            ext.snapshots(rank_folder(out, comm)).items() if usable(path)}
     everyone = comm.mpi_comm.allgather(sorted(mine))
     common = set(everyone[0]).intersection(*everyone[1:])
+    if not common and any(everyone):
+        cli.fail('the snapshots in {} do not cover all {} ranks (made with '
+                 'another number of processes?); launch as many processes '
+                 'as before, or use another --out'.format(out, comm.size))
     return mine[max(common)] if common else None
 
 

@@ -44,6 +44,7 @@ def run_model(model, x, device, batchsize):
     numpy: the capsule lengths of a CapsNet, the softmax probabilities of
     the baseline."""
     predictions, scores = [], []
+    batchsize = devices.inference_batch(model, batchsize)
     with devices.inference_mode(model):
         for i in range(0, len(x), batchsize):
             p, s = model.predict(device.send(x[i:i + batchsize]))
@@ -278,4 +279,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -66,6 +66,8 @@ _ROWS = (
      ['--arch', 'capsnet', '--routing', '3', '--reconstruct']),
 )
 
+INTERRUPTED = ('interrupted; run the same command again to continue the '
+               'sweep')
 STD_KIND = 'sample standard deviation (ddof=1) over trials; 0 for one trial'
 
 
@@ -204,12 +206,22 @@ def launch(command, log_path):
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, text=True, errors='replace', bufsize=1)
-        for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            log.write(line)
-            log.flush()
-        status = process.wait()
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+            status = process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: train.py stops too
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.write('# interrupted\n')
+            raise
         log.write('# exit status {} after {:.1f} s\n'
                   .format(status, time.time() - start))
     return status, time.time() - start
@@ -482,7 +494,7 @@ def build_parser():
         help='use the first N training examples (default: all)')
     add('--test-size', type=cli.positive_int, default=None,
         help='use the first N test examples (default: all)')
-    add('--seed', '-s', type=cli.integer, default=0,
+    add('--seed', '-s', type=cli.seed, default=0,
         help='trial k uses seed S + k')
     add('--batchsize', '-b', type=cli.positive_int, default=100,
         help='examples per training step')
@@ -513,7 +525,12 @@ def table1(args):
     if problems:
         print('error: ' + '; '.join(problems), file=sys.stderr)
         return 2
+    if args.seed + args.trials - 1 > cli.SEED_MAX:
+        cli.fail('--seed {} with --trials {} gives seeds above {}; use a '
+                 'smaller --seed'.format(args.seed, args.trials,
+                                         cli.SEED_MAX), 2)
     cli.check_writable(args.out)
+    lock = model_io.lock_folder(args.out, 'experiments.py')
     failed = []
     for row, trial in [] if args.collect_only else jobs:
         if is_finished(run_dir(args.out, row, trial), args.epoch):
@@ -525,6 +542,7 @@ def table1(args):
     print('{} finished runs; {} and {}'.format(
         len(runs), os.path.join(args.out, 'results.json'),
         os.path.join(args.out, 'table.md')))
+    model_io.unlock(lock)
     if failed:
         sys.stderr.write('error: {} run(s) did not finish; see train.log in '
                          '{}\n'.format(len(failed), ', '.join(failed)))
@@ -542,4 +560,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.run_main(main, None, INTERRUPTED))

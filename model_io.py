@@ -5,10 +5,14 @@ network), atomic writes, and loading a model for a tool.
     load_model(path)                # rebuild it; ModelFileError if unusable
     load_model_or_fail(path, ...)   # the same for a tool: one error line
 """
+import atexit
+import errno
 import io
 import json
 import os
+import shutil
 import tempfile
+import time
 import zipfile
 
 import numpy
@@ -16,21 +20,33 @@ import numpy
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
+import cli
 import nets
 from cli import fail
 
 
 def atomic_write(path, write):
-    """Call ``write(binary_file)`` on a temp file beside path, then rename.
+    """Call ``write(binary_file)``, then put the bytes under ``path``
+    through a temp file beside it and a rename.
 
-    An interrupted write never leaves a half file under the final name.
+    The bytes are made in memory first, so their size is known: a disk
+    without room for them raises cli.DiskFullError (naming the file and the
+    space it needs) before anything is written, and so does a full disk
+    found during the write. An interrupted or failed write never leaves a
+    half file under the final name nor its temp file, and the previous file
+    stays intact.
     """
+    buffer = io.BytesIO()
+    write(buffer)
+    data = buffer.getbuffer()
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp', dir=folder)
+    cli.check_free_space(folder, len(data), path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(
+            path) + '.', suffix=TEMP_SUFFIX, dir=folder)
         with os.fdopen(fd, 'wb') as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file private; give it the usual permissions
@@ -38,10 +54,46 @@ def atomic_write(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC,
+                                                   errno.EDQUOT):
+            raise cli.DiskFullError(
+                'no space left on the disk while writing {}: it needs about '
+                '{} ({} free); free some space or choose another folder; '
+                'the previous {} is intact'.format(
+                    path, cli.megabytes(len(data)),
+                    cli.megabytes(cli.free_bytes(folder) or 0),
+                    os.path.basename(path))) from None
         raise
+
+
+TEMP_PREFIX = '.'
+TEMP_SUFFIX = '.tmp'
+
+
+def remove_leftovers(folder):
+    """Remove what interrupted writes left in ``folder``: atomic_write's
+    ``.NAME.XXXX.tmp`` files and Chainer's ``tmpNAME*`` folders (its
+    snapshot, log and plot writers). Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) \
+                and os.path.isfile(path):
+            os.remove(path)
+        elif name.startswith('tmp') and os.path.isdir(path) and \
+                not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def write_text(path, text):
@@ -129,7 +181,32 @@ def load_model(path, expected_options=None):
             'be truncated or corrupt, so train again with --save'
             .format(path, arch, type(e).__name__, str(e).splitlines()[0]
                     if str(e) else ''))
+    check_finite(model, path)
     return model
+
+
+def non_finite_parameters(model):
+    """Names of the parameters of ``model`` holding NaN or inf."""
+    bad = []
+    for name, param in sorted(model.namedparams()):
+        if param.array is not None and not bool(
+                chainer.backend.get_array_module(param.array).isfinite(
+                    param.array).all()):
+            bad.append(name)
+    return bad
+
+
+def check_finite(model, path):
+    """ModelFileError if any parameter of ``model`` (read from ``path``) is
+    NaN or inf: such a model answers, confidently and wrongly."""
+    bad = non_finite_parameters(model)
+    if bad:
+        raise ModelFileError(
+            '{} holds NaN or inf weights ({}{}); the run that wrote it '
+            'diverged or the file is damaged; use an earlier model or train '
+            'again (a lower --alpha)'.format(
+                path, ', '.join(bad[:3]),
+                ' and {} more'.format(len(bad) - 3) if len(bad) > 3 else ''))
 
 
 def load_model_or_fail(path, need_capsnet=True, need_decoder=False,
@@ -166,3 +243,78 @@ def load_model_or_fail(path, need_capsnet=True, need_decoder=False,
         fail('{} has {} classes; {} expects the 10 classes of MNIST'.format(
             path, model.options.get('n_classes'), purpose), status)
     return model
+
+
+# --------------------------------------------------------------------------
+# A lock on a run folder (train.py, experiments.py)
+# --------------------------------------------------------------------------
+
+LOCK_NAME = '.lock'
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_folder(folder, tool, flag='--out'):
+    """Take ``folder/.lock`` (holding our PID), or exit with one line if a
+    live process holds it. A lock left by a dead process is taken over, and
+    that is said on stdout. Returns the lock's path; ``unlock`` frees it."""
+    path = os.path.join(folder, LOCK_NAME)
+    text = '{} {}\n'.format(os.getpid(), tool).encode()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = read_lock(path)
+            if owner is None:  # gone, being written, or left empty
+                time.sleep(0.2)
+                owner = read_lock(path) or (0, 'unknown, empty lock file')
+            pid, who = owner
+            if pid == os.getpid():
+                return path  # ours already (main called again in-process)
+            if pid != 0 and _alive(pid):
+                fail('{} is in use by process {} ({}); wait for it to end or '
+                     'choose another {}'.format(folder, pid, who, flag))
+            print('taking over the stale lock of process {} ({}), which is '
+                  'no longer running'.format(pid, who), flush=True)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            fail('cannot lock {} ({}); choose another {}'.format(
+                folder, e.strerror or e, flag))
+        with os.fdopen(fd, 'wb') as f:
+            f.write(text)
+        atexit.register(unlock, path)
+        return path
+    fail('cannot lock {}: its lock file keeps changing; choose another {}'
+         .format(folder, flag))
+
+
+def read_lock(path):
+    """(pid, tool) from a lock file, or None if absent or unreadable."""
+    try:
+        with open(path) as f:
+            fields = f.read().split()
+        return int(fields[0]), ' '.join(fields[1:]) or '?'
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def unlock(path):
+    """Remove a lock taken by this process (no-op if it is not ours)."""
+    owner = read_lock(path)
+    if owner is not None and owner[0] == os.getpid():
+        try:
+            os.remove(path)
+        except OSError:
+            pass

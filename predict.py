@@ -326,9 +326,10 @@ def main(argv=None):
         if args.json:
             print(json.dumps({'file': path, 'error': reason}), flush=True)
 
+    batchsize = devices.inference_batch(model, args.batchsize)
     with devices.inference_mode(model):
-        for start in range(0, len(inputs), args.batchsize):
-            chunk = inputs[start:start + args.batchsize]
+        for start in range(0, len(inputs), batchsize):
+            chunk = inputs[start:start + batchsize]
             images, errors = [], []
             for path, error in chunk:
                 if error is None:
@@ -390,4 +391,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

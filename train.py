@@ -10,8 +10,12 @@ resume, run. The updater and the project's own extensions are in
 training_extensions.py; a snapshot is written every epoch and --resume /
 --autoload continue from one.
 """
+import errno
 import json
 import os
+import sys
+import zipfile
+import zlib
 
 import numpy
 
@@ -27,6 +31,9 @@ import distributed
 import model_io
 import nets
 import training_extensions as ext
+from chainer.training.extensions import snapshot_writers
+
+INTERRUPTED = 'interrupted; resume with --autoload'
 
 
 def build_parser():
@@ -46,7 +53,7 @@ def build_parser():
         help='examples per training step')
     add('--epoch', '--epochs', '-e', type=cli.positive_int, default=30,
         help='epochs to train')
-    add('--seed', '-s', type=cli.integer, default=0,
+    add('--seed', '-s', type=cli.seed, default=0,
         help='seed of the initialisation, the shuffling and the shifts')
     add('--alpha', type=cli.positive_float, default=1e-3,
         help="Adam's learning rate")
@@ -74,7 +81,7 @@ def build_parser():
         help='add the decoder and its 0.0005-scaled reconstruction loss')
     add('--activation', default='relu', choices=['relu', 'leaky_relu'],
         help='Conv1 activation')
-    add('--leaky-slope', type=cli.number, default=0.01,
+    add('--leaky-slope', type=cli.number_in(-1, 1), default=0.01,
         help='slope of leaky_relu below 0')
     add('--share-weights', action='store_true',
         help='share W_ij over the 6x6 grid (the older implementation)')
@@ -118,6 +125,57 @@ def build_model(args):
     return model
 
 
+def memory_estimate(args):
+    """Rough bytes a training run needs (parameters with their gradients and
+    Adam's two moments, plus one step's and one evaluation batch's
+    activations), from the shapes alone: nothing is allocated."""
+    side = args.input_size
+    if args.arch == 'capsnet':
+        grid = nets.primary_grid(side)
+        n_primary = 32 * grid * grid
+        params = (256 * 81 + 256 * 256 * 81 + 10 * 16 * 8 *
+                  (32 if args.share_weights else n_primary))
+        if args.reconstruct:
+            params += 160 * 512 + 512 * 1024 + 1024 * side * side
+        per_example = 4 * (8 * n_primary * 160 + 3 * 256 * (side - 8) ** 2 +
+                           2 * side * side)
+    else:
+        params = 128 * side * side * 328 + 256 * 256 * 25 + 256 * 128 * 25
+        per_example = 4 * 3 * (256 + 256 + 128 + 1) * side * side
+    return (16 * params + per_example * args.batchsize +
+            per_example // 2 * args.eval_batchsize)
+
+
+def check_memory(args):
+    """Refuse up front a configuration that cannot fit in memory."""
+    need, have = memory_estimate(args), devices.physical_memory()
+    if have and need > have:
+        cli.fail('this configuration needs about {:.1f} GB of memory (--arch '
+                 '{}, --input-size {}, --batchsize {}, --eval-batchsize {}) '
+                 'and the machine has {:.1f} GB; lower --input-size or the '
+                 'batch sizes'.format(need / 1e9, args.arch, args.input_size,
+                                      args.batchsize, args.eval_batchsize,
+                                      have / 1e9))
+
+
+def snapshot_bytes(model):
+    """Bytes of one snapshot (uncompressed): the parameters, Adam's two
+    moments and a little state."""
+    return 3 * 4 * nets.count_parameters(model) + (1 << 20)
+
+
+class AtomicSnapshotWriter(snapshot_writers.Writer):
+    """Snapshots through model_io.atomic_write: a full disk is one line
+    naming the file and the space it needs, an interrupt leaves no
+    temporary folder, and the previous snapshot stays intact."""
+
+    def __call__(self, filename, outdir, target):
+        model_io.atomic_write(
+            os.path.join(outdir, filename),
+            lambda f: chainer.serializers.save_npz(f, target))
+        self._post_save()
+
+
 def report_keys(model, validation):
     """The columns PrintReport shows."""
     keys = ['epoch', 'main/loss', 'main/margin_loss']
@@ -129,23 +187,73 @@ def report_keys(model, validation):
     return keys + ['alpha', 'elapsed_time']
 
 
+DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def readable_snapshot(path):
+    """None if every array of the snapshot at ``path`` reads (CRCs and
+    all), else why not."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            for name in npz.files:
+                npz[name]
+    except DAMAGED as e:
+        return '{}: {}'.format(type(e).__name__, str(e).splitlines()[0]
+                               if str(e) else '')
+    return None
+
+
+def autoload_path(out):
+    """The newest intact snapshot in ``out`` (None if there is none); the
+    damaged newer ones are skipped, and that is said."""
+    found = ext.snapshots(out)
+    for epoch in sorted(found, reverse=True):
+        problem = readable_snapshot(found[epoch])
+        if problem is None:
+            return found[epoch]
+        print('skipping the damaged snapshot {} ({})'.format(
+            found[epoch], problem), flush=True)
+    return None
+
+
+def check_recorded(trainer, path):
+    """Compare the options and settings a snapshot recorded with this run's
+    before loading it, so a conflict is named (and not found later as a
+    shape error of some array)."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            for name in ('options', 'settings'):
+                trainer.get_extension(name).serialize(
+                    chainer.serializers.NpzDeserializer(
+                        npz, path='extensions/{}/'.format(name)))
+    except ValueError as e:
+        if 'in the snapshot' not in str(e):
+            return  # not readable: load_npz below says so
+        cli.fail('cannot resume from {}: {}'.format(path, e))
+    except Exception:  # not readable: load_npz below says so
+        return
+
+
 def resume(trainer, args, comm=None):
-    """Load --resume (or, with --autoload, the newest snapshot in --out)
-    into the trainer; one error line if it cannot be used. Under MPI each
-    rank loads its own snapshot of the same epoch."""
+    """Load --resume (or, with --autoload, the newest intact snapshot in
+    --out) into the trainer; one error line if it cannot be used. Returns
+    the path resumed from, or None. Under MPI each rank loads its own
+    snapshot of the same epoch."""
     path = args.resume
     if comm is not None and path is not None:
         path = distributed.rank_path(comm, path)
     if path is None and args.autoload:
-        path = ext.newest_snapshot(args.out) if comm is None else \
-            distributed.common_snapshot(comm, args.out)
+        path = autoload_path(args.out) if comm is None else \
+            distributed.common_snapshot(
+                comm, args.out, lambda p: readable_snapshot(p) is None)
     if not path:
-        return
+        return None
     if not os.path.exists(path):
         hint = ' (-r is short for --resume; the routing count is ' \
                '--routing {})'.format(path) if path.isdigit() else ''
         cli.fail('snapshot {} does not exist; check --resume{}'
                  .format(path, hint))
+    check_recorded(trainer, path)
     try:
         chainer.serializers.load_npz(path, trainer)
     except Exception as e:
@@ -153,11 +261,26 @@ def resume(trainer, args, comm=None):
                  'this configuration'.format(
                      path, type(e).__name__,
                      str(e).splitlines()[0] if str(e) else ''))
-    print('resumed from {} at epoch {}'.format(path, trainer.updater.epoch))
+    epoch = trainer.updater.epoch
+    if epoch > args.epoch:
+        cli.fail('{} is at epoch {}, beyond --epoch {}; pass --epoch {} or '
+                 'more to continue it, or use another --out'.format(
+                     path, epoch, args.epoch, epoch))
+    print('resumed from {} at epoch {}'.format(path, epoch))
+    return path
+
+
+def run_settings(args):
+    """The settings a snapshot fixes besides the network: resuming with
+    others is refused (RecordOptions), so final.json holds what was used."""
+    return dict(batchsize=args.batchsize, seed=args.seed, alpha=args.alpha,
+                decay=args.decay, alpha_floor=args.alpha_floor,
+                train_size=args.train_size, test_size=args.test_size,
+                validation=args.validation, max_shift=args.max_shift)
 
 
 def write_summary(args, model, n_params, sizes, validation, final,
-                  comm=None):
+                  resumed_from=None, comm=None):
     """Print the final and the lowest test error; write final.json."""
     train_size, test_size = sizes
     summary = {'arch': args.arch, 'dataset': args.dataset,
@@ -165,7 +288,12 @@ def write_summary(args, model, n_params, sizes, validation, final,
                'parameters': int(n_params), 'train_size': train_size,
                'validation_size': len(validation) if validation else 0,
                'test_size': test_size, 'seed': args.seed,
-               'batchsize': args.batchsize}
+               'batchsize': args.batchsize, 'alpha': args.alpha,
+               'decay': args.decay, 'alpha_floor': args.alpha_floor,
+               'max_shift': args.max_shift,
+               'eval_batchsize': args.eval_batchsize}
+    if resumed_from:
+        summary['resumed_from'] = resumed_from
     if comm is not None:
         summary.update(processes=comm.size, communicator=args.communicator,
                        global_batchsize=comm.size * args.batchsize)
@@ -195,15 +323,30 @@ def main(argv=None):
         distributed.quiet_unless_root(comm)
         args.device = distributed.rank_device(comm, args.device)
     root = comm is None or comm.rank == 0
+    # where this process keeps its snapshots (rank r > 0: --out/rank<r>)
+    out = args.out if comm is None else distributed.rank_folder(args.out,
+                                                                comm)
     device = devices.select_device(args)
     if args.impl == 'fast' and args.arch == 'baseline' and \
             device.xp is not numpy:
         parser.error("--impl fast: the baseline's fast kernels are CPU-only; "
                      'use --impl auto or plain on the GPU')
+    if args.max_shift >= args.input_size:
+        parser.error('argument --max-shift: must be an integer below '
+                     '--input-size ({}), got {!r}'.format(
+                         args.input_size, str(args.max_shift)))
+    check_memory(args)
+    if args.save and os.path.isdir(args.save):
+        cli.fail('--save {} is a folder; give a file name, e.g. {}'
+                 .format(args.save, os.path.join(args.save, 'model')))
     cli.check_writable(args.out)
+    cli.check_writable(out)
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
                            '--save')
+    lock = model_io.lock_folder(out, 'train.py')
+    for path in model_io.remove_leftovers(out):
+        print('removed {}, left by an interrupted write'.format(path))
 
     # Data: (train, validation or None, test) TupleDatasets
     try:
@@ -235,6 +378,8 @@ def main(argv=None):
                   comm.size, args.communicator, args.batchsize,
                   comm.size * args.batchsize, len(train)))
     model.to_device(device)
+    # room for two snapshots and the model, checked before the long run
+    cli.check_free_space(out, 2 * snapshot_bytes(model), 'the snapshots')
 
     # Optimizer (under MPI: gradients averaged over the ranks, and every
     # rank starts from rank 0's weights)
@@ -259,12 +404,11 @@ def main(argv=None):
     updater = ext.AugmentingUpdater(train_iter, optimizer, args.max_shift,
                                     shift_random, order_random, device)
 
-    # Trainer; under MPI rank r > 0 keeps its snapshots in --out/rank<r>
-    out = args.out if comm is None else distributed.rank_folder(args.out,
-                                                                comm)
+    # Trainer
     trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=out)
 
-    # Extensions: evaluation on the test set (and the validation set)
+    # Extensions: evaluation on the test set (under MPI over every rank's
+    # shard) and the validation set
     if comm is None:
         trainer.extend(ext.ExactEvaluator(test_iter, model, device=device),
                        name='test')
@@ -291,11 +435,13 @@ def main(argv=None):
         trigger=(1, 'epoch'))
     # ... a snapshot every epoch, which records the options it was made with
     trainer.extend(extensions.snapshot(
-        filename=ext.SNAPSHOT_NAME, n_retains=args.snapshot_keep),
-        trigger=(1, 'epoch'))
+        filename=ext.SNAPSHOT_NAME, n_retains=args.snapshot_keep,
+        writer=AtomicSnapshotWriter()), trigger=(1, 'epoch'))
     trainer.extend(ext.RecordOptions(dict(
         model.options, arch=args.arch, dataset=args.dataset)),
         name='options')
+    trainer.extend(ext.RecordOptions(run_settings(args), what='settings',
+                                     allow_missing=True), name='settings')
     # ... the log, the test accuracy history, plots and the printed report
     # (rank 0 alone under MPI)
     final = ext.FinalReport('test/main/accuracy')
@@ -304,10 +450,30 @@ def main(argv=None):
         add_reports(trainer, args, model, validation)
 
     # Resume from --resume, or the newest snapshot with --autoload
-    resume(trainer, args, comm)
+    resumed_from = resume(trainer, args, comm)
 
-    # Run
-    trainer.run()
+    # Run (a divergence is one line; an interrupt keeps the last snapshot)
+    try:
+        trainer.run(show_loop_exception_msg=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        newest = ext.newest_snapshot(args.out)
+        cli.fail('no space left on the disk while writing {} (a snapshot '
+                 'needs about {}); free some space and continue with '
+                 '--autoload{}'.format(
+                     e.filename or 'the log or the plots in ' + args.out,
+                     cli.megabytes(snapshot_bytes(model)),
+                     ' from {}'.format(newest) if newest else ''))
+    except RuntimeError as e:
+        if 'diverge' not in str(e):
+            raise
+        cli.fail('training diverged at epoch {}, iteration {} (a parameter '
+                 'became NaN or inf); try a lower --alpha (now {}), or '
+                 '--resume from an earlier snapshot in {} with a lower '
+                 '--alpha'.format('{:.2f}'.format(
+                     trainer.updater.epoch_detail),
+                     trainer.updater.iteration, args.alpha, args.out))
 
     # Save the model and the summary (rank 0 under MPI)
     if root:
@@ -315,7 +481,8 @@ def main(argv=None):
             model_io.save_model(args.save, model)
             print('model saved to {}'.format(args.save))
         write_summary(args, model, n_params, full_sizes, validation, final,
-                      comm)
+                      resumed_from, comm)
+    model_io.unlock(lock)
 
 
 def add_reports(trainer, args, model, validation):
@@ -333,4 +500,4 @@ def add_reports(trainer, args, model, validation):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(cli.run_main(main, None, INTERRUPTED))

@@ -90,8 +90,10 @@ class RecordOptions(training.Extension):
     """
     trigger = None  # never called: it only rides along in the snapshots
 
-    def __init__(self, options):
+    def __init__(self, options, what='options', allow_missing=False):
         self.options = options
+        self.what = what
+        self.allow_missing = allow_missing  # keys older snapshots lack
 
     def serialize(self, serializer):
         if not isinstance(serializer, chainer.serializer.Deserializer):
@@ -102,15 +104,18 @@ class RecordOptions(training.Extension):
             stored = json.loads(str(serializer('options', None)[()]))
         except KeyError:
             return  # a snapshot from before options were recorded
+        keys = set(stored) | set(self.options)
+        if self.allow_missing:
+            keys = set(stored) & set(self.options)
         differences = ['{}={} in the snapshot, {} asked'.format(
             key, stored.get(key), self.options.get(key))
-            for key in sorted(set(stored) | set(self.options))
+            for key in sorted(keys)
             if stored.get(key) != self.options.get(key)]
         if differences:
             raise ValueError(
-                'the snapshot was made with other options: {}; resume with '
+                'the snapshot was made with other {}: {}; resume with '
                 'the same flags or use another --out'.format(
-                    ', '.join(differences)))
+                    self.what, ', '.join(differences)))
 
 
 class ExactEvaluator(extensions.Evaluator):

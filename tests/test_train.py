@@ -154,7 +154,7 @@ def run_cli(*args, cwd=None):
     (['--routing', '0'], ['--routing', 'must be an integer > 0']),
     (['--decay', '1.5'], ['--decay', "a number in (0, 1], got '1.5'"]),
     (['--input-size', '20'], ['--input-size', "an integer >= 28, got '20'"]),
-    (['--seed', 'x'], ['--seed', "must be an integer, got 'x'"]),
+    (['--seed', 'x'], ['--seed', "must be an integer from 0 to 4294967293, got 'x'"]),
 ])
 def test_bad_flags_give_one_clear_line(args, fragments):
     assert_one_error(run_cli(*args), *fragments)

@@ -1,0 +1,457 @@
+"""Faults (issue 14): a full disk, damaged model files, Ctrl-C and SIGTERM,
+a diverging run, out-of-range numbers and memory, resume settings, damaged
+snapshots and two processes on one --out. Each test injects its fault: the
+full disk by making ``cli.free_bytes`` report no room or a write raise
+OSError(ENOSPC), the signals by sending them to a real process."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy
+import pytest
+
+import cli
+import evaluate
+import model_io
+import nets
+import predict
+import train
+import training_extensions
+import visualize
+from conftest import MNIST_DIR as MNIST
+from conftest import assert_one_error, needs_mnist, one_error_line
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
+        '--routing', '1', '--no-progress']
+
+
+def leftovers(folder):
+    return [n for n in os.listdir(folder)
+            if n.endswith('.tmp') or n.startswith('tmp')]
+
+
+# --------------------------------------------------------------------------
+# 1. A full disk
+# --------------------------------------------------------------------------
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path,
+                                                        monkeypatch):
+    path = tmp_path / 'final.json'
+    model_io.write_text(str(path), 'old\n')
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', no_room)
+    with pytest.raises(cli.DiskFullError) as info:
+        model_io.write_text(str(path), 'new' * 1000)
+    message = str(info.value)
+    assert str(path) in message and 'needs about' in message
+    assert path.read_text() == 'old\n'
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_atomic_write_refuses_up_front_without_room(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10)
+    with pytest.raises(cli.DiskFullError, match='needs about 0.0 MB, 0.0 MB '
+                       'free'):
+        model_io.write_text(str(tmp_path / 'x.json'), 'x' * 100)
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_run_main_maps_enospc_to_one_line(capsys):
+    def main(argv):
+        raise OSError(errno.ENOSPC, 'No space left on device', 'out/log')
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(main)
+    assert info.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'no space left on the disk while writing out/log' in line
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('epochs, lost', [(2, 'snapshot_epoch_2'),
+                                          (1, 'model.npz')])
+def test_train_on_a_disk_that_fills_keeps_the_last_epoch(
+        tmp_path, monkeypatch, capsys, epochs, lost):
+    """The disk fills once epoch 1's snapshot is written: the next write
+    (epoch 2's snapshot, or the model) is one line naming it, and epoch 1's
+    snapshot is intact, so --autoload loses at most the epoch in progress."""
+    out = tmp_path / 'out'
+    first = out / 'snapshot_epoch_1'
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 0 if first.exists()
+                        else 10 ** 12)
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e',
+                                  str(epochs), '-o', str(out), '--save',
+                                  str(out / 'model.npz')])
+    assert info.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert lost in line and 'needs about' in line, line
+    assert not (out / lost).exists() and leftovers(str(out)) == []
+    assert train.readable_snapshot(str(first)) is None
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
+                                              capsys):
+    """Chainer's LogReport finds the disk full: one line naming --out and
+    the intact snapshot to continue from."""
+    from chainer.training.extensions import log_report
+    out = tmp_path / 'out'
+
+    class FullDisk:
+        dumps, loads = staticmethod(json.dumps), staticmethod(json.loads)
+
+        @staticmethod
+        def dump(obj, f, **options):
+            if (out / 'snapshot_epoch_1').exists():
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            json.dump(obj, f, **options)
+    monkeypatch.setattr(log_report, 'json', FullDisk)
+    with pytest.raises(SystemExit):
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '3',
+                                  '-o', str(out)])
+    line = one_error_line(capsys.readouterr().err)
+    assert 'the log or the plots in {}'.format(out) in line, line
+    assert '--autoload from {}'.format(out / 'snapshot_epoch_1') in line
+    assert leftovers(str(out)) == []
+
+
+def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
+                                                         monkeypatch,
+                                                         capsys):
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10 ** 6)
+    with pytest.raises(SystemExit):
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
+                                  '-o', str(tmp_path / 'out')])
+    line = one_error_line(capsys.readouterr().err)
+    assert 'not enough free space' in line and 'the snapshots' in line
+
+
+# --------------------------------------------------------------------------
+# 2. Models with NaN or inf weights
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def nan_model_path(tmp_path_factory):
+    numpy.random.seed(0)
+    model = nets.CapsNet()
+    model.decoder.fc1.W.array[0, 0] = numpy.nan
+    model.conv1.b.array[0] = numpy.inf
+    path = str(tmp_path_factory.mktemp('bad') / 'nan.npz')
+    model_io.save_model(path, model)
+    return path
+
+
+def test_load_model_refuses_non_finite_weights(nan_model_path):
+    with pytest.raises(model_io.ModelFileError, match='NaN or inf weights'):
+        model_io.load_model(nan_model_path)
+
+
+@pytest.mark.parametrize('tool, argv', [
+    (predict, ['--json', 'digit.png']),
+    (evaluate, ['--json', '--test-size', '10']),
+    (visualize, []),
+], ids=['predict', 'evaluate', 'visualize'])
+def test_every_tool_refuses_a_model_with_nan_weights(
+        run_tool, nan_model_path, tmp_path, tool, argv):
+    status, out, err = run_tool(tool.main, ['--load', nan_model_path,
+                                            '-o' if tool is not predict
+                                            else '--batchsize',
+                                            str(tmp_path / 'o')
+                                            if tool is not predict else '1']
+                                + argv)
+    assert status != 0 and out == ''
+    line = one_error_line(err)
+    assert 'NaN or inf weights' in line and 'decoder/fc1/W' in line
+    assert not (tmp_path / 'o').exists()
+
+
+# --------------------------------------------------------------------------
+# 3. Ctrl-C and SIGTERM
+# --------------------------------------------------------------------------
+
+def start(*argv):
+    return subprocess.Popen([sys.executable, *[str(a) for a in argv]],
+                            cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for(condition, process, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130),
+                                            (signal.SIGTERM, 143)])
+def test_train_interrupted_is_one_line_and_resumable(tmp_path, signum,
+                                                     status):
+    out = tmp_path / 'out'
+    process = start('train.py', '--data-dir', MNIST, *TINY, '-e', '50',
+                    '-o', out)
+    wait_for(lambda: (out / 'snapshot_epoch_1').exists(), process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == status, err
+    assert one_error_line(err) == \
+        'error: interrupted; resume with --autoload'
+    assert leftovers(str(out)) == []
+    assert not (out / model_io.LOCK_NAME).exists()
+    assert train.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
+
+
+def test_an_interrupted_snapshot_write_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM (raised as cli.Terminated) during a snapshot's write: the
+    temp file goes, the earlier snapshot stays."""
+    (tmp_path / 'snapshot_epoch_1').write_bytes(b'epoch 1')
+
+    def terminated(fd):
+        raise cli.Terminated()
+    monkeypatch.setattr(os, 'fsync', terminated)
+    with pytest.raises(cli.Terminated):
+        train.AtomicSnapshotWriter()('snapshot_epoch_2', str(tmp_path),
+                                     {'x': numpy.zeros(3)})
+    assert sorted(os.listdir(str(tmp_path))) == ['snapshot_epoch_1']
+
+
+def test_train_removes_leftovers_of_killed_writes(tmp_path):
+    out = tmp_path / 'out'
+    (out / 'tmpsnapshot_epoch_3abcd').mkdir(parents=True)
+    (out / 'tmpsnapshot_epoch_3abcd' / 'snapshot_epoch_3').write_bytes(b'x')
+    (out / '.final.json.k2j3.tmp').write_text('{')
+    (out / 'keep.txt').write_text('mine')
+    assert sorted(model_io.remove_leftovers(str(out))) == sorted(
+        [str(out / 'tmpsnapshot_epoch_3abcd'),
+         str(out / '.final.json.k2j3.tmp')])
+    assert os.listdir(str(out)) == ['keep.txt']
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130),
+                                            (signal.SIGTERM, 143)])
+def test_predict_interrupted_is_one_line(tmp_path, fresh_model_path, signum,
+                                         status):
+    from PIL import Image
+    image = tmp_path / 'digit.png'
+    pixels = numpy.zeros((28, 28), numpy.uint8)
+    pixels[6:22, 12:16] = 255  # a 1
+    Image.fromarray(pixels).save(str(image))
+    process = start('predict.py', '--load', fresh_model_path, '-b', '1',
+                    *[image] * 2000)
+    wait_for(lambda: process.stdout.readline() != '', process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == status, err
+    assert one_error_line(err) == 'error: interrupted'
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_sweep_terminated_stops_its_run(tmp_path):
+    out = tmp_path / 'sweep'
+    process = start('experiments.py', 'table1', '--epoch', '50', '--trials',
+                    '1', '--rows', 'r1', '--out', out, '--data-dir', MNIST,
+                    '--train-size', '150', '--test-size', '50', '-b', '50')
+    run = out / 'r1-trial0'
+    wait_for(lambda: (run / 'snapshot_epoch_1').exists(), process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert one_error_line(err).startswith('error: interrupted; run the same')
+    assert not (out / model_io.LOCK_NAME).exists()
+    assert not (run / model_io.LOCK_NAME).exists()  # train.py ended too
+    assert leftovers(str(run)) == []
+
+
+# --------------------------------------------------------------------------
+# 4. Divergence
+# --------------------------------------------------------------------------
+
+@needs_mnist
+def test_divergence_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
+    update = training_extensions.AugmentingUpdater.update_core
+
+    def diverge(self):
+        update(self)
+        if self.iteration >= 1:
+            self.get_optimizer('main').target.conv1.W.array[0] = numpy.nan
+    monkeypatch.setattr(training_extensions.AugmentingUpdater, 'update_core',
+                        diverge)
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
+                                  '-o', str(tmp_path / 'out')])
+    assert info.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    for fragment in ('diverged at epoch 0.67, iteration 2',
+                     'lower --alpha (now 0.001)', '--resume'):
+        assert fragment in line, line
+
+
+# --------------------------------------------------------------------------
+# 5. Ranges and memory
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--seed', '-1'], ['--seed', "must be an integer from 0 to 4294967293, "
+                                  "got '-1'"]),
+    (['--seed', '4294967294'], ['--seed', 'must be an integer from 0']),
+    (['--leaky-slope', '7'], ["must be a number from -1 to 1, got '7'"]),
+    (['--max-shift', '28'], ['--max-shift', 'below --input-size (28)']),
+    (['--input-size', '4000'], ['needs about', 'GB of memory',
+                                'lower --input-size']),
+    (['--eval-batchsize', '100000000'], ['GB of memory',
+                                         '--eval-batchsize 100000000']),
+], ids=['seed-negative', 'seed-too-large', 'leaky-slope', 'max-shift',
+        'input-size', 'eval-batchsize'])
+def test_train_numbers_out_of_range(run_tool, tmp_path, args, fragments):
+    status, _, err = run_tool(train.main, ['-o', tmp_path / 'out'] + args)
+    assert status in (1, 2)
+    line = one_error_line(err)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / 'out').exists()
+
+
+def test_experiments_seed_range(run_tool, tmp_path):
+    import experiments
+    status, _, err = run_tool(experiments.main, [
+        'table1', '--epoch', '1', '--out', tmp_path, '--seed', '4294967293',
+        '--trials', '2'])
+    assert status == 2
+    assert 'gives seeds above 4294967293' in one_error_line(err)
+
+
+def test_inference_batches_are_split_to_fit(fresh_model_path, monkeypatch):
+    import devices
+    model = model_io.load_model(fresh_model_path)
+    monkeypatch.setattr(devices, 'physical_memory', lambda: 4 * 10 ** 9)
+    assert devices.inference_batch(model, 100) == 100
+    assert 100 < devices.inference_batch(model, 10 ** 9) < 5000
+
+
+# --------------------------------------------------------------------------
+# 6. Resume: settings, an epoch already passed, damaged snapshots
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def two_epochs(tmp_path_factory):
+    """A TINY run of two epochs: snapshot_epoch_1 and _2 in its --out."""
+    if not os.path.isdir(MNIST):
+        pytest.skip('no MNIST')
+    out = tmp_path_factory.mktemp('resume') / 'out'
+    train.main(['--data-dir', MNIST, *TINY, '-e', '2', '-o', str(out)])
+    return out
+
+
+def copy_run(two_epochs, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(str(two_epochs), str(out))
+    return out
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('flags, fragment', [
+    (['-b', '30'], 'batchsize=50 in the snapshot, 30 asked'),
+    (['--seed', '5'], 'seed=0 in the snapshot, 5 asked'),
+    (['--alpha', '0.01'], 'alpha=0.001 in the snapshot, 0.01 asked'),
+    (['--train-size', '100'], 'train_size=150 in the snapshot, 100 asked'),
+    (['-e', '1'], 'is at epoch 2, beyond --epoch 1; pass --epoch 2'),
+], ids=['batchsize', 'seed', 'alpha', 'train-size', 'epoch-passed'])
+def test_resume_with_other_settings_is_refused(two_epochs, tmp_path,
+                                               run_tool, flags, fragment):
+    out = copy_run(two_epochs, tmp_path)
+    argv = ['--data-dir', MNIST, *TINY, '-e', '3', '-o', out, '--autoload']
+    argv[argv.index('-b') + 1] = '50'
+    status, _, err = run_tool(train.main, argv + flags)
+    assert status == 1
+    assert fragment in one_error_line(err)
+    assert not (out / 'snapshot_epoch_3').exists()
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_autoload_skips_a_damaged_newest_snapshot(two_epochs, tmp_path,
+                                                  run_tool):
+    out = copy_run(two_epochs, tmp_path)
+    newest = out / 'snapshot_epoch_2'
+    newest.write_bytes(newest.read_bytes()[:5000])
+    status, stdout, err = run_tool(train.main, [
+        '--data-dir', MNIST, *TINY, '-e', '2', '-o', out, '--autoload'])
+    assert status == 0, err
+    assert 'skipping the damaged snapshot {}'.format(newest) in stdout
+    assert 'resumed from {} at epoch 1'.format(out / 'snapshot_epoch_1') \
+        in stdout
+    summary = json.loads((out / 'final.json').read_text())
+    assert summary['resumed_from'] == str(out / 'snapshot_epoch_1')
+    assert summary['batchsize'] == 50 and summary['alpha'] == 0.001
+    assert train.readable_snapshot(str(newest)) is None  # written again
+
+
+# --------------------------------------------------------------------------
+# 7. One process per --out
+# --------------------------------------------------------------------------
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, '-c', 'pass'])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_lock_refuses_a_second_run(tmp_path, run_tool):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / '.lock').write_text('{} train.py\n'.format(os.getppid()))
+    status, _, err = run_tool(train.main, ['-o', out, '--data-dir', MNIST])
+    assert status == 1
+    assert 'is in use by process {} (train.py)'.format(os.getppid()) in \
+        one_error_line(err)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+    pid = dead_pid()
+    (tmp_path / '.lock').write_text('{} experiments.py\n'.format(pid))
+    path = model_io.lock_folder(str(tmp_path), 'train.py')
+    assert 'taking over the stale lock of process {} (experiments.py)' \
+        .format(pid) in capsys.readouterr().out
+    assert model_io.read_lock(path) == (os.getpid(), 'train.py')
+    model_io.unlock(path)
+    assert not os.path.exists(path)
+
+
+def test_two_sweeps_on_one_out(tmp_path):
+    out = tmp_path / 'sweep'
+    out.mkdir()
+    (out / '.lock').write_text('{} experiments.py\n'.format(os.getppid()))
+    result = subprocess.run(
+        [sys.executable, 'experiments.py', 'table1', '--epoch', '1',
+         '--trials', '1', '--rows', 'r1', '--out', str(out)],
+        cwd=REPO, capture_output=True, text=True)
+    assert_one_error(result, 'is in use by process', status=1)
+
+
+# --------------------------------------------------------------------------
+# --save that is a folder
+# --------------------------------------------------------------------------
+
+def test_save_to_a_folder_is_refused_up_front(run_tool, tmp_path):
+    status, _, err = run_tool(train.main, ['-o', tmp_path / 'out', '--save',
+                                           tmp_path])
+    assert status == 1
+    assert 'is a folder; give a file name' in one_error_line(err)
+    assert not (tmp_path / 'out').exists()
