@@ -253,13 +253,20 @@ LOCK_NAME = '.lock'
 
 
 def _alive(pid):
+    """Whether process ``pid`` runs; a zombie (killed, not yet reaped by
+    its parent, as after kill -9 of an mpiexec) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open('/proc/{}/stat'.format(pid)) as f:
+            # pid (comm) STATE ...; comm may hold spaces and parentheses
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
 
 
 def lock_folder(folder, tool, flag='--out'):

@@ -455,3 +455,18 @@ def test_save_to_a_folder_is_refused_up_front(run_tool, tmp_path):
     assert status == 1
     assert 'is a folder; give a file name' in one_error_line(err)
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_zombie_holder_counts_as_dead():
+    """After kill -9 of an mpiexec, its ranks can stay zombies for a while
+    (reparented, not yet reaped): their locks are stale, not live."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    deadline = time.time() + 30
+    while time.time() < deadline:   # exited, not yet waited for
+        with open('/proc/{}/stat'.format(child.pid)) as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                break
+        time.sleep(0.05)
+    assert not model_io._alive(child.pid)
+    child.wait()
+    assert model_io._alive(os.getpid())
