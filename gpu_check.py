@@ -329,13 +329,12 @@ def main(argv=None):
         check.benchmark()   # first: its speed sizes the training run
         check.tests()
         check.training()
-    except KeyboardInterrupt:
-        print('interrupted; the results so far are in {}'.format(check.out),
-              file=sys.stderr)
+    except (KeyboardInterrupt, cli.Terminated):
+        # keep what was measured, then let run_main say it in one line
         check.summary['interrupted'] = True
         check.save_summary()
         check.report()
-        return 130
+        raise
     check.report()
     print(open(check.path('summary.md')).read())
     failed = [name for name, step in check.summary['steps'].items()
@@ -347,4 +346,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli.run_main(main, None, 'interrupted; the results so far are '
+                          'in --out'))
