@@ -15,7 +15,7 @@ LAYERS = [
     ('data', {'datasets', 'paper_datasets'}),
     ('model and kernels', {'fast_ops', 'baseline', 'nets'}),
     ('files, figures and devices', {'model_io', 'figures', 'devices'}),
-    ('training pieces', {'training_extensions'}),
+    ('training pieces', {'training_extensions', 'paper_experiments'}),
     ('tools', {'train', 'visualize', 'evaluate', 'predict', 'experiments',
                'benchmark', 'gpu_check'}),
 ]
