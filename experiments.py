@@ -531,6 +531,7 @@ def add_paper_commands(commands):
             help='examples per training step')
         add('--rows', type=_choice_list(rows), default=list(rows),
             help='comma-separated subset of ' + ','.join(rows))
+        cli.add_device_arguments(p)
 
     mm = commands.add_parser(
         'multimnist', help='Section 6: CapsNet and the baseline on '
@@ -582,6 +583,9 @@ def paper_command(args):
     import paper_datasets
     args.date = _now()
     args.machine = machine_description()
+    if args.table != 'figure5':
+        import devices
+        args.chainer_device = devices.select_device(args)
     try:
         cli.check_writable(args.out)
         if args.table == 'figure5':

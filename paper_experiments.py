@@ -58,8 +58,13 @@ class RunConflict(Exception):
 # Training and evaluation
 # --------------------------------------------------------------------------
 
+def _send(device, arrays):
+    return arrays if device is None else tuple(device.send(a)
+                                               for a in arrays)
+
+
 def train(model, n_train, batch, epochs, batchsize, seed, decay_steps,
-          log=print):
+          log=print, device=None):
     """Adam (alpha 0.001 x 0.95 ** (step / decay_steps), floor 1e-5).
 
     batch(indices, epoch) returns the arguments of model(...) for those
@@ -76,7 +81,7 @@ def train(model, n_train, batch, epochs, batchsize, seed, decay_steps,
         for i in range(0, n_train, batchsize):
             indices = order[i:i + batchsize]
             with chainer.using_config('train', True):
-                loss = model(*batch(indices, epoch))
+                loss = model(*_send(device, batch(indices, epoch)))
             model.cleargrads()
             loss.backward()
             optimizer.update()
@@ -91,12 +96,13 @@ def train(model, n_train, batch, epochs, batchsize, seed, decay_steps,
 
 
 def predict_all(model, x, batchsize=100):
-    """model.predict over x in batches: (predictions, scores) arrays."""
+    """model.predict over x in batches (on the model's device): NumPy
+    (predictions, scores)."""
     predictions, scores = [], []
     for i in range(0, len(x), batchsize):
-        p, s = model.predict(x[i:i + batchsize])
-        predictions.append(numpy.asarray(p))
-        scores.append(numpy.asarray(s))
+        p, s = model.predict(model.device.send(x[i:i + batchsize]))
+        predictions.append(chainer.backend.CpuDevice().send(p))
+        scores.append(chainer.backend.CpuDevice().send(s))
     return numpy.concatenate(predictions), numpy.concatenate(scores)
 
 
@@ -229,15 +235,17 @@ def run_multimnist(args, log=print):
             continue
         numpy.random.seed(config['seed'])
         model = MULTIMNIST_ROWS[row][1]()
+        model.to_device(args.chainer_device)
         log('{}: {} ({:,} parameters), {} training / {} test examples'
             .format(folder, model.arch, nets.count_parameters(model), len(x),
                     len(tx)))
         start = time.time()
         losses = train(model, len(x), lambda i, e: (
             x[i], t1[i], t2[i], x1[i], x2[i]), args.epoch, args.batchsize,
-            config['seed'], MULTIMNIST_DECAY_STEPS, log)
+            config['seed'], MULTIMNIST_DECAY_STEPS, log, args.chainer_device)
         error = pair_error(model, tx, test_set['t1'], test_set['t2'])
         log('{}: MultiMNIST test error {:.2f}%'.format(folder, 100 * error))
+        model.to_cpu()
         finish_run(folder, model, dict(
             config=config, test_error=error, train_losses=losses,
             parameters=nets.count_parameters(model), train_examples=len(x),
@@ -369,6 +377,7 @@ def run_affnist(args, log=print):
             continue
         numpy.random.seed(config['seed'])
         model = AFFNIST_ROWS[row][1]()
+        model.to_device(args.chainer_device)
         log('{}: {} ({:,} parameters), {} training images'.format(
             folder, model.arch, nets.count_parameters(model), len(images)))
         placed = {}
@@ -382,12 +391,14 @@ def run_affnist(args, log=print):
             return placed[epoch][indices], labels[indices]
         start = time.time()
         losses = train(model, len(images), batch, args.epoch, args.batchsize,
-                       config['seed'], MNIST_DECAY_STEPS, log)
+                       config['seed'], MNIST_DECAY_STEPS, log,
+                       args.chainer_device)
         acc_expanded = accuracy(model, *expanded)
         acc_affine = accuracy(model, *affine)
         log('{}: expanded MNIST {:.2f}%, {} {:.2f}%'.format(
             folder, 100 * acc_expanded, kind.split(' (')[0],
             100 * acc_affine))
+        model.to_cpu()
         finish_run(folder, model, dict(
             config=config, expanded_accuracy=acc_expanded,
             affine_accuracy=acc_affine, affine_set=kind, train_losses=losses,
