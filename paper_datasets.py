@@ -4,9 +4,11 @@
   different class from the same split, each shifted by up to 4 pixels in
   each direction on a 36 x 36 canvas; pixels are summed and clipped to
   [0, 1], as the authors' released code (``mnist_shift.py`` of
-  Sarasra/models, research/capsules) does with uint8 images: add, then
-  ``minimum(..., 255)``. Every example keeps both labels and both shifted
-  single-digit images (the targets of the reconstruction loss).
+  Sarasra/models, research/capsules, ``shift_write_multi_mnist``) does
+  with uint8 images: add, then ``minimum(..., 255)`` (docs/experiments.md
+  lists where the pairing and shifting here differ from it). Every example
+  keeps both labels and both shifted single-digit images (the targets of
+  the reconstruction loss).
   ``multimnist(...)`` is deterministic from its seed; ``cached_multimnist``
   keeps it in a .npz whose settings and checksum are checked on every load.
 - Expanded MNIST (Section 5.2): each digit placed at a random position on a
