@@ -60,6 +60,9 @@ class BaselineCNN(chainer.Chain):
     Args:
         input_size: side of the square input (28 MNIST; 36, 40 padded).
             FC 328 grows with it: 128 * input_size**2 inputs.
+        pad: padding of the convolutions, 2 ('same', the default) or 0
+            (valid: the side shrinks by 4 per convolution); the MultiMNIST
+            baseline (nets.TwoDigitBaselineCNN) uses 0.
         n_classes: size of the softmax layer.
         dropout: dropout ratio before the softmax layer (0 disables it).
         fast: use the fast CPU kernels of ``fast_ops`` (None: on the CPU).
@@ -68,15 +71,21 @@ class BaselineCNN(chainer.Chain):
 
     arch = 'baseline'
 
-    def __init__(self, input_size=28, n_classes=10, dropout=0.5, fast=None):
+    def __init__(self, input_size=28, n_classes=10, dropout=0.5, fast=None,
+                 pad=PAD):
         super().__init__()
         self.fast = fast
+        self.pad = int(pad)
         if input_size < 1:
             raise ValueError('input_size must be >= 1, got {}'
                              .format(input_size))
         if not 0 <= dropout < 1:
             raise ValueError('dropout must be in [0, 1), got {}'
                              .format(dropout))
+        side = input_size + 3 * (2 * self.pad - KERNEL + 1)
+        if side < 1:
+            raise ValueError('input_size {} is too small for unpadded '
+                             'convolutions'.format(input_size))
         self.options = dict(input_size=int(input_size),
                             n_classes=int(n_classes), dropout=float(dropout))
         self.input_size = int(input_size)
@@ -84,10 +93,13 @@ class BaselineCNN(chainer.Chain):
         self.dropout = float(dropout)
         c1, c2, c3 = CONV_CHANNELS
         with self.init_scope():
-            self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1, pad=PAD)
-            self.conv2 = L.Convolution2D(c1, c2, KERNEL, stride=1, pad=PAD)
-            self.conv3 = L.Convolution2D(c2, c3, KERNEL, stride=1, pad=PAD)
-            self.fc1 = L.Linear(c3 * input_size * input_size, FC_SIZES[0])
+            self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1,
+                                         pad=self.pad)
+            self.conv2 = L.Convolution2D(c1, c2, KERNEL, stride=1,
+                                         pad=self.pad)
+            self.conv3 = L.Convolution2D(c2, c3, KERNEL, stride=1,
+                                         pad=self.pad)
+            self.fc1 = L.Linear(c3 * side * side, FC_SIZES[0])
             self.fc2 = L.Linear(FC_SIZES[0], FC_SIZES[1])
             self.fc3 = L.Linear(FC_SIZES[1], n_classes)
 
@@ -122,8 +134,9 @@ class BaselineCNN(chainer.Chain):
         h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
                                   (1, 2, 0)), (side, side, batch, 1))
         for conv in convolutions:
-            h = F.pad(h, ((PAD, PAD), (PAD, PAD), (0, 0), (0, 0)),
-                      'constant')
+            p = self.pad
+            if p:
+                h = F.pad(h, ((p, p), (p, p), (0, 0), (0, 0)), 'constant')
             method = 'im2col' if conv is self.conv1 else 'dft'
             h = F.relu(fast_ops.conv2d_hwbc(h, conv.W, conv.b,
                                             method=method))
@@ -159,3 +172,56 @@ class BaselineCNN(chainer.Chain):
         accuracy = (y.array.argmax(axis=1) == t).mean()
         reporter.report({'loss': loss, 'accuracy': accuracy}, self)
         return loss
+
+
+class PoolingCNN(BaselineCNN):
+    """The CNN of the affine-robustness comparison (Section 5.2): "a
+    traditional convolutional model with a similar number of parameters"
+    that uses max pooling and dropout; the paper gives no layers, so these
+    are the baseline's with a 2 x 2 max pooling after conv1 and conv2 and
+    FC 768 in place of FC 328 (docs/experiments.md):
+
+        conv 256 5x5 'same', ReLU, max pool 2 -> conv 256 5x5, ReLU,
+        max pool 2 -> conv 128 5x5, ReLU -> FC 768 ReLU -> FC 192 ReLU ->
+        dropout -> FC 10 softmax
+
+    On 40 x 40 input it has 12,445,386 parameters (CapsNet on 40 x 40:
+    11,227,904 without the decoder, 13,475,648 with it).
+    """
+
+    arch = 'cnn-pool'
+    FC = (768, 192)
+
+    def __init__(self, input_size=40, n_classes=10, dropout=0.5, fast=None):
+        chainer.Chain.__init__(self)
+        if input_size < 4:
+            raise ValueError('input_size must be >= 4, got {}'
+                             .format(input_size))
+        if not 0 <= dropout < 1:
+            raise ValueError('dropout must be in [0, 1), got {}'
+                             .format(dropout))
+        self.fast = fast
+        self.pad = PAD
+        self.options = dict(input_size=int(input_size),
+                            n_classes=int(n_classes), dropout=float(dropout))
+        self.input_size = int(input_size)
+        self.n_classes = int(n_classes)
+        self.dropout = float(dropout)
+        c1, c2, c3 = CONV_CHANNELS
+        side = self.input_size // 2 // 2
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1, pad=PAD)
+            self.conv2 = L.Convolution2D(c1, c2, KERNEL, stride=1, pad=PAD)
+            self.conv3 = L.Convolution2D(c2, c3, KERNEL, stride=1, pad=PAD)
+            self.fc1 = L.Linear(c3 * side * side, self.FC[0])
+            self.fc2 = L.Linear(self.FC[0], self.FC[1])
+            self.fc3 = L.Linear(self.FC[1], n_classes)
+
+    def _use_fast(self):
+        return False  # Chainer's own convolutions and pooling
+
+    def features(self, x):
+        h = F.reshape(x, (x.shape[0], 1, self.input_size, self.input_size))
+        h = F.max_pooling_2d(F.relu(self.conv1(h)), 2)
+        h = F.max_pooling_2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.conv3(h))

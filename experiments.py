@@ -42,6 +42,7 @@ import time
 import cli
 import datasets
 import model_io
+import paper_experiments
 import training_extensions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -505,7 +506,146 @@ def build_parser():
     add('--collect-only', action='store_true',
         help='start no run: rewrite results.json and table.md from the '
              'runs already finished in --out (e.g. rows with fewer trials)')
+    add_paper_commands(commands)
     return parser
+
+
+def _choice_list(known):
+    def parse(text):
+        names = [name.strip() for name in text.split(',') if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                'unknown row(s) {}; choose from {}'.format(
+                    ', '.join(unknown) or '(none given)', ','.join(known)))
+        return [name for name in known if name in names]
+    return parse
+
+
+def add_paper_commands(commands):
+    """The subcommands of the paper's other experiments (docs/experiments.md).
+    """
+    def common(p, rows):
+        add = p.add_argument
+        add('--epoch', '--epochs', '-e', type=cli.positive_int, required=True,
+            help='epochs per run')
+        add('--trials', type=cli.positive_int, default=1,
+            help='runs per row (seeds S, S+1, ...)')
+        add('--out', '-o', required=True,
+            help='folder for the runs, results.json and table.md')
+        add('--data-dir', default=None,
+            help='folder with the four MNIST *-ubyte.gz files')
+        add('--seed', '-s', type=cli.integer, default=0,
+            help='trial k uses seed S + k')
+        add('--data-seed', type=cli.integer, default=0,
+            help='seed of the generated data (pairs, shifts, placements)')
+        add('--batchsize', '-b', type=cli.positive_int, default=100,
+            help='examples per training step')
+        add('--rows', type=_choice_list(rows), default=list(rows),
+            help='comma-separated subset of ' + ','.join(rows))
+        cli.add_device_arguments(p)
+
+    mm = commands.add_parser(
+        'multimnist', help='Section 6: CapsNet and the baseline on '
+                           'MultiMNIST (top-2 error)')
+    common(mm, list(paper_experiments.MULTIMNIST_ROWS))
+    add = mm.add_argument
+    add('--pairs-per-digit', type=cli.positive_int, default=1000,
+        help='training examples made per MNIST training digit (paper: 1000)')
+    add('--test-pairs-per-digit', type=cli.positive_int, default=1000,
+        help='test examples made per MNIST test digit (paper: 1000)')
+    add('--train-digits', type=cli.positive_int, default=None,
+        help='use the first N MNIST training digits (default: all 60,000)')
+    add('--test-digits', type=cli.positive_int, default=None,
+        help='use the first N MNIST test digits (default: all 10,000)')
+    af = commands.add_parser(
+        'affnist', help='Section 5.2: CapsNet and a pooling CNN trained on '
+                        'MNIST at random on 40 x 40, tested on affNIST')
+    common(af, list(paper_experiments.AFFNIST_ROWS))
+    add = af.add_argument
+    add('--train-size', type=cli.positive_int, default=None,
+        help='use the first N MNIST training digits (default: all)')
+    add('--test-size', type=cli.positive_int, default=None,
+        help='expanded-MNIST test: the first N MNIST test digits')
+    add('--affnist', default=None,
+        help="an affNIST .mat file (e.g. test.mat); default: a generated "
+             "affNIST-like set from the MNIST test digits")
+    add('--affnist-size', type=cli.positive_int, default=None,
+        help='use the first N images of the affine test set')
+    f5 = commands.add_parser(
+        'figure5', help="Figure 5: a MultiMNIST CapsNet's reconstructions")
+    add = f5.add_argument
+    add('--load', required=True,
+        help='a model.npz of experiments.py multimnist (row capsnet)')
+    add('--out', '-o', required=True, help='folder for figure5.png')
+    add('--data-dir', default=None,
+        help='folder with the four MNIST *-ubyte.gz files')
+    add('--data-seed', type=cli.integer, default=0,
+        help='seed of the MultiMNIST test pairs')
+    add('--test-digits', type=cli.positive_int, default=500,
+        help='make pairs from the first N MNIST test digits')
+    add('--right', type=cli.non_negative_int, default=4,
+        help='rows of correctly classified examples')
+    add('--wrong', type=cli.non_negative_int, default=4,
+        help='rows of incorrectly classified examples')
+
+
+def paper_command(args):
+    """Run multimnist, affnist or figure5; errors are one line."""
+    import paper_datasets
+    args.date = _now()
+    args.machine = machine_description()
+    if args.table != 'figure5':
+        import devices
+        args.chainer_device = devices.select_device(args)
+    try:
+        cli.check_writable(args.out)
+        if args.table == 'figure5':
+            return figure5(args)
+        if args.table == 'multimnist':
+            paper_experiments.run_multimnist(args)
+        else:
+            if args.affnist and not os.path.isfile(args.affnist):
+                cli.fail('affNIST file {} does not exist'.format(
+                    args.affnist))
+            paper_experiments.run_affnist(args)
+    except (paper_datasets.DataError, datasets.DatasetError,
+            paper_experiments.RunConflict) as e:
+        cli.fail(e)
+    print('{} and {}'.format(os.path.join(args.out, 'results.json'),
+                             os.path.join(args.out, 'table.md')))
+    return 0
+
+
+def figure5(args):
+    import figures
+    import paper_datasets
+    try:
+        model = model_io.load_model(args.load)
+    except model_io.ModelFileError as e:
+        cli.fail(e)
+    if model.arch != 'capsnet-multimnist' or not model.reconstruct:
+        cli.fail('{} holds a {} model; figure5 needs the MultiMNIST CapsNet '
+                 'with its decoder (experiments.py multimnist, row capsnet)'
+                 .format(args.load, model.arch))
+    images, labels = paper_datasets.load_mnist_arrays(args.data_dir)['test']
+    n = min(args.test_digits, len(images))
+    data = paper_datasets.multimnist(images[:n], labels[:n], 1,
+                                     args.data_seed, split='test')
+    mosaic, rows = paper_experiments.figure5(model, data, args.right,
+                                             args.wrong)
+    path = os.path.join(args.out, 'figure5.png')
+    figures.save_image(path, mosaic)
+    model_io.write_text(os.path.join(args.out, 'figure5.json'), json.dumps(
+        dict(load=args.load, rows=rows, columns=[
+            'input', 'reconstructions from the two longest capsules (red '
+            'the longer, green the other)', 'forced from the true labels '
+            '(red t1, green t2)', 'forced from a capsule of an absent class '
+            '(blue)']), indent=2) + '\n')
+    print('{} ({} rows: {} right, {} wrong)'.format(
+        path, len(rows), sum(r['correct'] for r in rows),
+        sum(not r['correct'] for r in rows)))
+    return 0
 
 
 def table1(args):
@@ -556,6 +696,8 @@ def main(argv=None):
     args.command = shlex.join(['python', 'experiments.py'] + argv)
     if args.table == 'table1':
         return table1(args)
+    if args.table in ('multimnist', 'affnist', 'figure5'):
+        return paper_command(args)
     raise AssertionError(args.table)
 
 

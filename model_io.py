@@ -227,6 +227,12 @@ def load_model_or_fail(path, need_capsnet=True, need_decoder=False,
              'corrupt, so train again with --save'.format(
                  path, type(e).__name__, str(e).splitlines()[0]
                  if str(e) else ''), status)
+    if getattr(model, 'two_digits', False):
+        fail('{} holds a MultiMNIST model ({}: two overlapping digits on '
+             '{} x {}); {} works on single digits, so use a model trained '
+             'with train.py (or experiments.py figure5 for this one)'.format(
+                 path, model.arch, model.input_size, model.input_size,
+                 purpose), status)
     if need_capsnet and model.arch != 'capsnet':
         fail('{} holds the {} network, not a CapsNet; {} needs a CapsNet '
              'model (train.py --arch capsnet)'.format(

@@ -22,7 +22,7 @@ import chainer.links as L
 from chainer import backend, reporter
 
 import fast_ops
-from baseline import BaselineCNN  # the paper's baseline, in ARCHITECTURES
+from baseline import BaselineCNN, PoolingCNN  # in ARCHITECTURES
 
 EPSILON = 1e-7
 N_PRIMARY_TYPES = 32
@@ -115,10 +115,47 @@ def margin_loss(lengths, t, m_plus=M_PLUS, m_minus=M_MINUS,
     """
     xp = backend.get_array_module(lengths)
     present = xp.eye(lengths.shape[1], dtype=lengths.dtype)[t]
+    return margin_loss_present(lengths, present, m_plus, m_minus,
+                               lambda_absent)
+
+
+def margin_loss_present(lengths, present, m_plus=M_PLUS, m_minus=M_MINUS,
+                        lambda_absent=LAMBDA_ABSENT):
+    """Eq. 4 with any set of present classes (T_k = present[:, k]).
+
+    Args:
+        lengths: (B, J) digit capsule lengths.
+        present: (B, J) array of 0 / 1, e.g. ``two_hot`` for MultiMNIST.
+    Returns:
+        scalar Variable: summed over the classes, averaged over the batch.
+    """
     loss = (present * F.square(F.relu(m_plus - lengths))
             + lambda_absent * (1 - present)
             * F.square(F.relu(lengths - m_minus)))
     return F.sum(loss) / lengths.shape[0]
+
+
+def two_hot(t1, t2, n_classes, xp=numpy, dtype=numpy.float32):
+    """(B, J) with ones at t1 and t2 (labels (B,), t1 != t2 for MultiMNIST;
+    a single one where they are equal)."""
+    eye = xp.eye(n_classes, dtype=dtype)
+    return xp.maximum(eye[t1], eye[t2])
+
+
+def top2(lengths):
+    """(B, 2) the classes of the two longest capsules, longest first, of an
+    array (B, J); ties go to the lower class."""
+    xp = backend.get_array_module(lengths)
+    order = xp.argsort(-lengths, axis=1, kind='stable')
+    return order[:, :2]
+
+
+def pair_correct(lengths, t1, t2):
+    """(B,) bool: the two longest capsules are exactly {t1, t2} (the paper's
+    MultiMNIST criterion; the order does not matter)."""
+    best = top2(lengths)
+    return (((best[:, 0] == t1) & (best[:, 1] == t2))
+            | ((best[:, 0] == t2) & (best[:, 1] == t1)))
 
 
 def reconstruction_loss(reconstruction, x):
@@ -341,7 +378,101 @@ class CapsNet(chainer.Chain):
         return loss
 
 
-ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN}
+class TwoDigitCapsNet(CapsNet):
+    """CapsNet for MultiMNIST (Section 6): 36 x 36 input (a 10 x 10 primary
+    grid, 3200 primary capsules), 11,361,808 parameters with the decoder.
+
+    The margin loss has both classes present; the decoder reconstructs each
+    digit from its own capsule against that digit's own image (x1, x2), the
+    two squared errors summed, scaled by 0.0005. Training masks with the
+    true labels; at test time with the two longest capsules. The prediction
+    is the two longest capsules; an example is right when they are exactly
+    its two labels. Same arguments as CapsNet, input_size 36 by default.
+    """
+
+    arch = 'capsnet-multimnist'
+    two_digits = True
+
+    def __init__(self, routing=3, reconstruct=True, activation='relu',
+                 leaky_slope=0.01, share_weights=False, input_size=36,
+                 n_classes=10, fast=None):
+        super().__init__(routing=routing, reconstruct=reconstruct,
+                         activation=activation, leaky_slope=leaky_slope,
+                         share_weights=share_weights, input_size=input_size,
+                         n_classes=n_classes, fast=fast)
+
+    def predict(self, x):
+        """(B, 1, S, S) -> (the two longest classes (B, 2), lengths (B, J))."""
+        _, lengths = super().predict(x)
+        return top2(lengths), lengths
+
+    def forward(self, x, t1, t2, x1=None, x2=None):
+        """Total loss for merged images x (B, 1, S, S), labels t1, t2 (B,)
+        and, with the decoder, the digits' own images x1, x2 (B, 1, S, S).
+        """
+        v = self.capsules(x)
+        lengths = self.lengths(v)
+        present = two_hot(t1, t2, self.n_classes, self.xp, lengths.dtype)
+        loss = margin_loss_present(lengths, present)
+        observation = {'margin_loss': loss, 'accuracy': pair_correct(
+            lengths.array, t1, t2).mean()}
+        if self.reconstruct:
+            if chainer.config.train:
+                first, second = t1, t2
+            else:
+                best = top2(lengths.array)
+                # the predicted capsule that is t2 (or is not t1) goes to x2
+                swap = (best[:, 0] == t2) | (best[:, 1] == t1)
+                first = self.xp.where(swap, best[:, 1], best[:, 0])
+                second = self.xp.where(swap, best[:, 0], best[:, 1])
+            recon = (reconstruction_loss(self.reconstruction(v, first), x1)
+                     + reconstruction_loss(self.reconstruction(v, second),
+                                           x2))
+            observation['reconstruction_loss'] = recon
+            loss = loss + RECONSTRUCTION_WEIGHT * recon
+        observation['loss'] = loss
+        reporter.report(observation, self)
+        return loss
+
+
+class TwoDigitBaselineCNN(BaselineCNN):
+    """The baseline CNN for MultiMNIST: BaselineCNN's layers on 36 x 36
+    input with valid (unpadded) convolutions, 26,712,850 parameters (the
+    paper: 24.56M; see docs/experiments.md). Trained with a sigmoid cross
+    entropy against the two present classes; the prediction is the two
+    largest logits, scored like the CapsNet's."""
+
+    arch = 'baseline-multimnist'
+    two_digits = True
+
+    def __init__(self, input_size=36, n_classes=10, dropout=0.5, pad=0,
+                 fast=None):
+        super().__init__(input_size=input_size, n_classes=n_classes,
+                         dropout=dropout, pad=pad, fast=fast)
+        self.options['pad'] = int(pad)
+
+    def predict(self, x):
+        with chainer.using_config('train', False), \
+                chainer.using_config('enable_backprop', False), \
+                self.inference():
+            logits = self.logits(x).array
+        return top2(logits), logits
+
+    def forward(self, x, t1, t2, x1=None, x2=None):
+        y = self.logits(x)
+        present = two_hot(t1, t2, self.n_classes, self.xp, numpy.int32)
+        # summed over the classes, averaged over the batch
+        loss = F.sigmoid_cross_entropy(y, present, normalize=False)
+        accuracy = pair_correct(y.array, t1, t2).mean()
+        reporter.report({'loss': loss, 'accuracy': accuracy}, self)
+        return loss
+
+
+ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN,
+                 'capsnet-multimnist': TwoDigitCapsNet,
+                 'baseline-multimnist': TwoDigitBaselineCNN,
+                 'cnn-pool': PoolingCNN}
+SINGLE_DIGIT_ARCHITECTURES = ('baseline', 'capsnet')
 
 
 def count_parameters(model):

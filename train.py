@@ -73,7 +73,8 @@ def build_parser():
         help='hold out the last N training examples to choose a best model')
     add('--max-shift', type=cli.non_negative_int, default=2,
         help='training images are shifted by up to this many pixels')
-    add('--arch', default='capsnet', choices=sorted(nets.ARCHITECTURES),
+    add('--arch', default='capsnet',
+        choices=sorted(nets.SINGLE_DIGIT_ARCHITECTURES),
         help='network to train')
     add('--routing', type=cli.positive_int, default=3,
         help='routing iterations r (-r is --resume, as in Chainer)')

@@ -12,10 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import modules of its layer or below
 LAYERS = [
     ('foundations', {'compat', 'cli'}),
-    ('data', {'datasets'}),
+    ('data', {'datasets', 'paper_datasets'}),
     ('model and kernels', {'fast_ops', 'baseline', 'nets'}),
     ('files, figures and devices', {'model_io', 'figures', 'devices'}),
-    ('training pieces', {'training_extensions', 'distributed'}),
+    ('training pieces', {'training_extensions', 'distributed',
+                         'paper_experiments'}),
     ('tools', {'train', 'visualize', 'evaluate', 'predict', 'experiments',
                'benchmark', 'gpu_check'}),
 ]

@@ -1,0 +1,133 @@
+"""experiments.py multimnist / affnist / figure5 (paper_experiments.py):
+bad input in one line, and tiny end-to-end runs on the real MNIST."""
+import json
+import os
+
+import numpy
+import pytest
+
+import experiments
+import model_io
+import nets
+import paper_experiments
+from conftest import one_error_line, needs_mnist
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['multimnist', '--epoch', '1', '--out', 'x', '--pairs-per-digit', '0'],
+     "argument --pairs-per-digit: must be an integer > 0, got '0'"),
+    (['multimnist', '--epoch', '1', '--out', 'x', '--rows', 'r3'],
+     'unknown row(s) r3; choose from capsnet,baseline'),
+    (['affnist', '--epoch', '0', '--out', 'x'],
+     "must be an integer > 0, got '0'"),
+])
+def test_bad_flags_are_one_line(run_tool, argv, fragment):
+    status, _, err = run_tool(experiments.main, argv)
+    assert status == 2
+    assert fragment in one_error_line(err)
+
+
+def test_a_missing_affnist_file_is_one_line(run_tool, tmp_path):
+    status, _, err = run_tool(experiments.main, [
+        'affnist', '--epoch', '1', '--out', tmp_path / 'o', '--affnist',
+        tmp_path / 'nope.mat'])
+    assert status == 1
+    assert 'affNIST file' in one_error_line(err)
+
+
+def test_figure5_refuses_a_model_that_is_not_the_multimnist_capsnet(
+        run_tool, tmp_path, no_decoder_model_path):
+    status, _, err = run_tool(experiments.main, [
+        'figure5', '--load', no_decoder_model_path, '--out', tmp_path])
+    assert status == 1
+    assert 'figure5 needs the MultiMNIST CapsNet' in one_error_line(err)
+
+
+def test_a_run_folder_with_other_settings_is_refused(tmp_path):
+    folder = str(tmp_path / 'capsnet-trial0')
+    assert paper_experiments.prepare_run(folder, dict(seed=0)) is None
+    with pytest.raises(paper_experiments.RunConflict) as e:
+        paper_experiments.prepare_run(folder, dict(seed=1))
+    assert 'seed 0 there, 1 now' in str(e.value)
+
+
+def test_figure5_rows_are_right_then_wrong():
+    numpy.random.seed(0)
+    model = nets.TwoDigitCapsNet()
+    rs = numpy.random.RandomState(0)
+    data = dict(x=rs.randint(0, 256, (6, 36, 36)).astype(numpy.uint8),
+                t1=numpy.array([0, 1, 2, 3, 4, 5]),
+                t2=numpy.array([6, 7, 8, 9, 0, 1]))
+    _, scores = paper_experiments.predict_all(
+        model, data['x'][:, None].astype(numpy.float32) / 255)
+    best = nets.top2(scores)
+    data['t1'][:2], data['t2'][:2] = best[:2, 1], best[:2, 0]  # 2 right
+    mosaic, rows = paper_experiments.figure5(model, data, 3, 3)
+    # 2 right of 3 asked, then 3 wrong of the 4
+    assert [r['correct'] for r in rows] == [True, True, False, False, False]
+    assert mosaic.shape == (5 * 38 + 2, 4 * 38 + 2, 3)
+    assert all(r['forced'] not in r['labels'] for r in rows)
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_multimnist_end_to_end_resumes_and_refuses_another_cache(
+        run_tool, tmp_path, mnist_dir):
+    out = tmp_path / 'mm'
+    argv = ['multimnist', '--epoch', '1', '--out', out, '--data-dir',
+            mnist_dir, '--train-digits', '30', '--pairs-per-digit', '2',
+            '--test-digits', '20', '--test-pairs-per-digit', '1',
+            '--rows', 'capsnet', '--batchsize', '20']
+    status, out_text, err = run_tool(experiments.main, argv)
+    assert status == 0, err
+    result = json.load(open(out / 'results.json'))
+    row = result['summary'][0]
+    assert row['n'] == 1 and row['parameters'] == 11361808
+    assert row['train_examples'] == 60 and row['test_examples'] == 20
+    assert 'MultiMNIST' in open(out / 'table.md').read()
+    model = model_io.load_model(str(out / 'capsnet-trial0' / 'model.npz'))
+    assert model.arch == 'capsnet-multimnist'
+    # run again: finished, nothing trained
+    status, out_text, _ = run_tool(experiments.main, argv)
+    assert status == 0 and 'finished before' in out_text
+    # another row with other data settings meets the old cache: one line
+    status, _, err = run_tool(experiments.main, argv[:-4] + [
+        '--rows', 'baseline', '--data-seed', '1'])
+    assert status == 1
+    assert 'made with other settings' in one_error_line(err)
+    # figure 5 from the trained model
+    status, out_text, err = run_tool(experiments.main, [
+        'figure5', '--load', out / 'capsnet-trial0' / 'model.npz', '--out',
+        out, '--data-dir', mnist_dir, '--test-digits', '30'])
+    assert status == 0, err
+    assert os.path.isfile(out / 'figure5.png')
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_affnist_end_to_end_with_a_real_structured_file(
+        run_tool, tmp_path, mnist_dir):
+    from test_paper_datasets import affnist_file
+    rs = numpy.random.RandomState(0)
+    affnist_file(tmp_path / 'test.mat',
+                 rs.randint(0, 256, (10, 40, 40)).astype(numpy.uint8),
+                 numpy.arange(10))
+    out = tmp_path / 'af'
+    status, _, err = run_tool(experiments.main, [
+        'affnist', '--epoch', '1', '--out', out, '--data-dir', mnist_dir,
+        '--train-size', '20', '--test-size', '10', '--rows', 'capsnet',
+        '--affnist', tmp_path / 'test.mat', '--batchsize', '10'])
+    assert status == 0, err
+    result = json.load(open(out / 'results.json'))
+    assert result['meta']['affine_is_generated'] is False
+    assert result['summary'][0]['n'] == 1
+    table = open(out / 'table.md').read()
+    assert 'measured on the real affNIST file' in table
+    # a file of another structure: one line
+    (tmp_path / 'bad.mat').write_bytes(b'not a mat file')
+    status, _, err = run_tool(experiments.main, [
+        'affnist', '--epoch', '1', '--out', tmp_path / 'af2', '--data-dir',
+        mnist_dir, '--train-size', '20', '--rows', 'capsnet', '--affnist',
+        tmp_path / 'bad.mat'])
+    assert status == 1
+    assert 'is not an affNIST .mat file' in one_error_line(err)
