@@ -473,6 +473,22 @@ def _rows(text):
     return [name for name in known if name in names]
 
 
+def add_sweep_arguments(parser, trials):
+    """What every sweep takes: epochs, trials, --out, seed, batch, device."""
+    add = parser.add_argument
+    add('--epoch', '--epochs', '-e', type=cli.positive_int, required=True,
+        help='epochs per run')
+    add('--trials', type=cli.positive_int, default=trials,
+        help='runs per row (seeds S, S+1, ...)')
+    add('--out', '-o', required=True,
+        help='folder for the runs, results.json and table.md')
+    add('--seed', '-s', type=cli.seed, default=0,
+        help='trial k uses seed S + k')
+    add('--batchsize', '-b', type=cli.positive_int, default=100,
+        help='examples per training step')
+    cli.add_device_arguments(parser)
+
+
 def build_parser():
     parser = cli.ArgumentParser(
         description='Reproduce the tables of Sabour et al. 2017')
@@ -480,14 +496,8 @@ def build_parser():
     t1 = commands.add_parser(
         'table1', help='Table 1: baseline and CapsNet, routing 1/3, '
                        'with and without reconstruction')
+    add_sweep_arguments(t1, trials=3)
     add = t1.add_argument
-    add('--epoch', '--epochs', '-e', type=cli.positive_int, required=True,
-        help='epochs per run')
-    add('--trials', type=cli.positive_int, default=3,
-        help='runs per row (seeds S, S+1, ...)')
-    add('--out', '-o', required=True,
-        help='folder for the runs, results.json and table.md')
-    cli.add_device_arguments(t1)
     add('--data-dir', default=None, help='passed to train.py --data-dir')
     add('--dataset', default='mnist', choices=sorted(FULL_SIZES),
         help='which dataset (its test set for the evaluation)')
@@ -495,10 +505,6 @@ def build_parser():
         help='use the first N training examples (default: all)')
     add('--test-size', type=cli.positive_int, default=None,
         help='use the first N test examples (default: all)')
-    add('--seed', '-s', type=cli.seed, default=0,
-        help='trial k uses seed S + k')
-    add('--batchsize', '-b', type=cli.positive_int, default=100,
-        help='examples per training step')
     add('--rows', type=_rows, default=[spec['name'] for spec in row_specs()],
         help='comma-separated subset of baseline,r1,r1-recon,r3,r3-recon')
     add('--dry-run', action='store_true',
@@ -526,24 +532,14 @@ def add_paper_commands(commands):
     """The subcommands of the paper's other experiments (docs/experiments.md).
     """
     def common(p, rows):
+        add_sweep_arguments(p, trials=1)
         add = p.add_argument
-        add('--epoch', '--epochs', '-e', type=cli.positive_int, required=True,
-            help='epochs per run')
-        add('--trials', type=cli.positive_int, default=1,
-            help='runs per row (seeds S, S+1, ...)')
-        add('--out', '-o', required=True,
-            help='folder for the runs, results.json and table.md')
         add('--data-dir', default=None,
             help='folder with the four MNIST *-ubyte.gz files')
-        add('--seed', '-s', type=cli.integer, default=0,
-            help='trial k uses seed S + k')
-        add('--data-seed', type=cli.integer, default=0,
+        add('--data-seed', type=cli.seed, default=0,
             help='seed of the generated data (pairs, shifts, placements)')
-        add('--batchsize', '-b', type=cli.positive_int, default=100,
-            help='examples per training step')
         add('--rows', type=_choice_list(rows), default=list(rows),
             help='comma-separated subset of ' + ','.join(rows))
-        cli.add_device_arguments(p)
 
     mm = commands.add_parser(
         'multimnist', help='Section 6: CapsNet and the baseline on '
