@@ -15,6 +15,7 @@ import time
 import numpy
 import pytest
 
+import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import cli
 import evaluate
 import model_io
