@@ -462,15 +462,20 @@ def write_results(args):
 # Command line
 # --------------------------------------------------------------------------
 
-def _rows(text):
-    names = [name.strip() for name in text.split(',') if name.strip()]
-    known = [spec['name'] for spec in row_specs()]
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            'unknown row(s) {}; choose from {}'.format(
-                ', '.join(unknown) or '(none given)', ','.join(known)))
-    return [name for name in known if name in names]
+def _choice_list(known):
+    """argparse type: a comma-separated subset of ``known``, in its order."""
+    def parse(text):
+        names = [name.strip() for name in text.split(',') if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                'unknown row(s) {}; choose from {}'.format(
+                    ', '.join(unknown) or '(none given)', ','.join(known)))
+        return [name for name in known if name in names]
+    return parse
+
+
+_rows = _choice_list([spec['name'] for spec in row_specs()])
 
 
 def add_sweep_arguments(parser, trials):
@@ -514,18 +519,6 @@ def build_parser():
              'runs already finished in --out (e.g. rows with fewer trials)')
     add_paper_commands(commands)
     return parser
-
-
-def _choice_list(known):
-    def parse(text):
-        names = [name.strip() for name in text.split(',') if name.strip()]
-        unknown = [name for name in names if name not in known]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                'unknown row(s) {}; choose from {}'.format(
-                    ', '.join(unknown) or '(none given)', ','.join(known)))
-        return [name for name in known if name in names]
-    return parse
 
 
 def add_paper_commands(commands):
