@@ -80,6 +80,15 @@ def int_at_least(low):
                        lambda v: v >= low)
 
 
+def differences(have, want):
+    """'key HAVE there, WANT now, ...' for every key of either dict whose
+    values differ: why stored settings do not fit the ones asked for."""
+    return ', '.join('{} {!r} there, {!r} now'.format(
+        key, have.get(key), want.get(key))
+        for key in sorted(set(have) | set(want))
+        if have.get(key) != want.get(key))
+
+
 # --------------------------------------------------------------------------
 # Device flags (Chainer's examples: --device/-d, --gpu/-g as the old alias)
 # --------------------------------------------------------------------------

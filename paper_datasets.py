@@ -28,6 +28,7 @@ import os
 
 import numpy
 
+import cli
 import datasets
 
 MULTI_CANVAS = 36
@@ -180,14 +181,10 @@ def cached_multimnist(path, images, labels, settings, write=None):
                             'delete it to make it again'.format(
                                 path, ' '.join(str(e).split())))
         if meta.get('settings') != settings:
-            have = meta.get('settings') or {}
-            differ = ', '.join('{} {!r} there, {!r} now'.format(
-                k, have.get(k), settings.get(k))
-                for k in sorted(set(have) | set(settings))
-                if have.get(k) != settings.get(k))
             raise DataError('{} was made with other settings ({}); delete '
                             'it or choose another cache file'.format(
-                                path, differ))
+                                path, cli.differences(
+                                    meta.get('settings') or {}, settings)))
         if _checksum(arrays) != meta.get('sha256'):
             raise DataError('{} does not match its checksum (truncated or '
                             'edited); delete it to make it again'.format(path))

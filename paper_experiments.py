@@ -23,6 +23,7 @@ import numpy
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
+import cli
 import figures
 import model_io
 import nets
@@ -136,14 +137,10 @@ def prepare_run(folder, config):
     made with another config."""
     info = _read_json(os.path.join(folder, 'run.json'))
     if info is not None and info.get('config') != config:
-        have = info.get('config') or {}
-        differ = ', '.join('{} {!r} there, {!r} now'.format(
-            k, have.get(k), config.get(k))
-            for k in sorted(set(have) | set(config))
-            if have.get(k) != config.get(k))
         raise RunConflict('{} was made with other settings ({}); use another '
-                          '--out or remove that folder'.format(folder,
-                                                               differ))
+                          '--out or remove that folder'.format(
+                              folder, cli.differences(
+                                  info.get('config') or {}, config)))
     final = _read_json(os.path.join(folder, 'final.json'))
     if final is not None and os.path.exists(os.path.join(folder,
                                                          'model.npz')):
@@ -213,23 +210,30 @@ def multimnist_config(args, row, trial):
                 decay_steps=MULTIMNIST_DECAY_STEPS)
 
 
+def _jobs(args, config_of):
+    """(folder, row, config) of every (row, trial) to run, trial by trial;
+    a folder made with other settings is refused before any work."""
+    jobs = []
+    for trial in range(args.trials):
+        for row in args.rows:
+            folder = os.path.join(args.out, '{}-trial{}'.format(row, trial))
+            config = config_of(args, row, trial)
+            info = _read_json(os.path.join(folder, 'run.json'))
+            if info is not None and info.get('config') != config:
+                prepare_run(folder, config)   # raises RunConflict
+            jobs.append((folder, row, config))
+    return jobs
+
+
 def run_multimnist(args, log=print):
     """Train every (row, trial) not yet finished; write the table."""
-    jobs = [(row, trial) for trial in range(args.trials) for row in args.rows]
-    for row, trial in jobs:  # refuse conflicts before any work
-        folder = os.path.join(args.out, '{}-trial{}'.format(row, trial))
-        info = _read_json(os.path.join(folder, 'run.json'))
-        config = multimnist_config(args, row, trial)
-        if info is not None and info.get('config') != config:
-            prepare_run(folder, config)
+    jobs = _jobs(args, multimnist_config)
     train_set, test_set = multimnist_data(args, log)
     x = pdata.to_float(train_set['x'])
     x1, x2 = pdata.to_float(train_set['x1']), pdata.to_float(train_set['x2'])
     t1, t2 = train_set['t1'], train_set['t2']
     tx = pdata.to_float(test_set['x'])
-    for row, trial in jobs:
-        folder = os.path.join(args.out, '{}-trial{}'.format(row, trial))
-        config = multimnist_config(args, row, trial)
+    for folder, row, config in jobs:
         if prepare_run(folder, config) is not None:
             log('{}: finished before'.format(folder))
             continue
@@ -361,17 +365,9 @@ def affnist_data(args, log=print):
 
 
 def run_affnist(args, log=print):
-    jobs = [(row, trial) for trial in range(args.trials) for row in args.rows]
-    for row, trial in jobs:
-        folder = os.path.join(args.out, '{}-trial{}'.format(row, trial))
-        info = _read_json(os.path.join(folder, 'run.json'))
-        config = affnist_config(args, row, trial)
-        if info is not None and info.get('config') != config:
-            prepare_run(folder, config)
+    jobs = _jobs(args, affnist_config)
     (images, labels), expanded, affine, kind = affnist_data(args, log)
-    for row, trial in jobs:
-        folder = os.path.join(args.out, '{}-trial{}'.format(row, trial))
-        config = affnist_config(args, row, trial)
+    for folder, row, config in jobs:
         if prepare_run(folder, config) is not None:
             log('{}: finished before'.format(folder))
             continue
