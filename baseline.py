@@ -218,10 +218,32 @@ class PoolingCNN(BaselineCNN):
             self.fc3 = L.Linear(self.FC[1], n_classes)
 
     def _use_fast(self):
-        return False  # Chainer's own convolutions and pooling
+        # the fast path pools by reshaping, which needs even sides at both
+        # poolings (Chainer's cover_all pooling differs on odd sides)
+        return (super()._use_fast() and self.input_size % 4 == 0)
 
     def features(self, x):
-        h = F.reshape(x, (x.shape[0], 1, self.input_size, self.input_size))
-        h = F.max_pooling_2d(F.relu(self.conv1(h)), 2)
-        h = F.max_pooling_2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.conv3(h))
+        """(B, 1, S, S) images -> (B, 128, S/4, S/4) feature maps."""
+        side, batch = self.input_size, x.shape[0]
+        if not self._use_fast():
+            h = F.reshape(x, (batch, 1, side, side))
+            h = F.max_pooling_2d(F.relu(self.conv1(h)), 2)
+            h = F.max_pooling_2d(F.relu(self.conv2(h)), 2)
+            return F.relu(self.conv3(h))
+        # (H, W, B, C) arrays as in BaselineCNN.features: conv2 on 20 x 20
+        # x 256 channels is most of the cost, and the DFT path is ~4x faster
+        # on the CPU than Chainer's im2col there
+        h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
+                                  (1, 2, 0)), (side, side, batch, 1))
+        for conv, method, pool in ((self.conv1, 'im2col', True),
+                                   (self.conv2, 'dft', True),
+                                   (self.conv3, 'dft', False)):
+            p = self.pad
+            h = F.pad(h, ((p, p), (p, p), (0, 0), (0, 0)), 'constant')
+            h = F.relu(fast_ops.conv2d_hwbc(h, conv.W, conv.b,
+                                            method=method))
+            if pool:
+                height, width, _, channels = h.shape
+                h = F.max(F.reshape(h, (height // 2, 2, width // 2, 2,
+                                        batch, channels)), axis=(1, 3))
+        return F.transpose(h, (2, 3, 0, 1))

@@ -9,14 +9,17 @@
 - ``figure5``: the paper's Figure 5 for a MultiMNIST CapsNet.
 
 Each (row, trial) is a run folder OUT/<row>-trial<k> with ``run.json``
-(settings) and, when finished, ``model.npz`` and ``final.json``; a finished
-run is never redone and a folder made with other settings is refused
-(RunConflict, one line). OUT/results.json and OUT/table.md are rewritten
+(settings), while training ``snapshot.npz`` (rewritten after every epoch;
+a new start resumes from it), and when finished ``model.npz`` and
+``final.json`` with the per-epoch history; a finished run is never
+redone and a folder made with other settings is refused (RunConflict, one
+line). OUT/results.json and OUT/table.md are rewritten
 after every run.
 """
 import json
 import os
 import time
+import zipfile
 
 import numpy
 
@@ -51,6 +54,10 @@ AFFNIST_ROWS = {
 }
 
 
+# per-run training state, rewritten after every epoch (train(snapshot=))
+SNAPSHOT = 'snapshot.npz'
+
+
 class RunConflict(Exception):
     """A run folder made with other settings; str() is one line."""
 
@@ -64,19 +71,104 @@ def _send(device, arrays):
                                                for a in arrays)
 
 
+def _rng_arrays(prefix, state):
+    """A RandomState's get_state() tuple as npz arrays."""
+    name, keys, pos, has_gauss, gauss = state
+    return {prefix + 'keys': keys, prefix + 'numbers': numpy.array(
+        [pos, has_gauss, gauss])}
+
+
+def _rng_state(prefix, arrays):
+    pos, has_gauss, gauss = arrays[prefix + 'numbers']
+    return ('MT19937', arrays[prefix + 'keys'], int(pos), int(has_gauss),
+            float(gauss))
+
+
+def save_snapshot(path, model, optimizer, rs, step, history):
+    """Everything train() needs to go on exactly where it stopped: the
+    weights, Adam's state, the step, both random generators (the order of
+    the examples and NumPy's global one, which dropout draws from) and the
+    per-epoch history, in one npz written atomically."""
+    arrays = {}
+    serializer = chainer.serializers.DictionarySerializer(arrays)
+    serializer['model'].save(model)
+    serializer['optimizer'].save(optimizer)
+    arrays.update(_rng_arrays('rng/order/', rs.get_state()))
+    arrays.update(_rng_arrays('rng/global/', numpy.random.get_state()))
+    arrays['step'] = numpy.array(step)
+    arrays['history'] = numpy.array(json.dumps(history))
+    model_io.atomic_write(path, lambda f: numpy.savez(f, **arrays))
+
+
+def load_snapshot(path, model, optimizer, rs):
+    """Restore what save_snapshot wrote; returns (step, history).
+
+    The whole file is read and checked against the model and optimizer
+    (every array present with its shape) before anything is restored, so
+    a damaged file raises ValueError (or OSError) and changes nothing.
+    """
+    with numpy.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    expected = {}
+    serializer = chainer.serializers.DictionarySerializer(expected)
+    serializer['model'].save(model)
+    serializer['optimizer'].save(optimizer)
+    for key, value in expected.items():
+        have = arrays.get(key)
+        if have is None or numpy.shape(have) != numpy.shape(value):
+            raise ValueError('{} is missing or has another shape'.format(key))
+    history = json.loads(str(arrays['history']))
+    if not isinstance(history, list):
+        raise ValueError('no per-epoch history')
+    step = int(arrays['step'])
+    order_state = _rng_state('rng/order/', arrays)
+    global_state = _rng_state('rng/global/', arrays)
+    deserializer = chainer.serializers.NpzDeserializer(arrays)
+    deserializer['model'].load(model)
+    deserializer['optimizer'].load(optimizer)
+    rs.set_state(order_state)
+    numpy.random.set_state(global_state)
+    return step, history
+
+
+def _alpha(step, decay_steps):
+    return max(ALPHA * DECAY ** (step / decay_steps), ALPHA_FLOOR)
+
+
 def train(model, n_train, batch, epochs, batchsize, seed, decay_steps,
-          log=print, device=None):
+          log=print, device=None, snapshot=None, evaluate=None):
     """Adam (alpha 0.001 x 0.95 ** (step / decay_steps), floor 1e-5).
 
     batch(indices, epoch) returns the arguments of model(...) for those
-    training examples. Returns the per-epoch mean training loss.
+    training examples. evaluate(), if given, is called after every epoch
+    and returns a dict of figures for that epoch's history entry.
+
+    snapshot: a file path. After every epoch the whole training state is
+    written there (atomically); a later call with the same arguments
+    resumes from it and ends with the same weights and history as a run
+    that was never interrupted (on the CPU; CuPy's dropout generator is
+    not saved). A damaged snapshot is said and training starts again.
+
+    Returns the history: one dict per epoch with ``epoch``,
+    ``train_loss``, ``seconds`` and evaluate()'s figures.
     """
     numpy.random.seed(seed)
     optimizer = chainer.optimizers.Adam(alpha=ALPHA)
     optimizer.setup(model)
     rs = numpy.random.RandomState(seed)
-    step, losses = 0, []
-    for epoch in range(1, epochs + 1):
+    step, history = 0, []
+    if snapshot is not None and os.path.exists(snapshot):
+        try:
+            step, history = load_snapshot(snapshot, model, optimizer, rs)
+        except (OSError, ValueError, KeyError, TypeError, EOFError,
+                zipfile.BadZipFile) as e:
+            log('{} is damaged ({}); training from epoch 1'.format(
+                snapshot, (str(e).splitlines() or [type(e).__name__])[0]))
+        else:
+            optimizer.alpha = _alpha(step, decay_steps)
+            log('resumed from {} after epoch {}'.format(snapshot,
+                                                         len(history)))
+    for epoch in range(len(history) + 1, epochs + 1):
         order = rs.permutation(n_train)
         total, start = 0.0, time.time()
         for i in range(0, n_train, batchsize):
@@ -87,13 +179,21 @@ def train(model, n_train, batch, epochs, batchsize, seed, decay_steps,
             loss.backward()
             optimizer.update()
             step += 1
-            optimizer.alpha = max(ALPHA * DECAY ** (step / decay_steps),
-                                  ALPHA_FLOOR)
+            optimizer.alpha = _alpha(step, decay_steps)
             total += float(loss.array) * len(indices)
-        losses.append(total / n_train)
-        log('epoch {}: training loss {:.4f}, alpha {:.6f}, {:.0f} s'.format(
-            epoch, losses[-1], optimizer.alpha, time.time() - start))
-    return losses
+        entry = dict(epoch=epoch, train_loss=total / n_train,
+                     seconds=time.time() - start)
+        if evaluate is not None:
+            entry.update(evaluate())
+        history.append(entry)
+        log('epoch {}: {}, alpha {:.6f}, {:.0f} s'.format(
+            epoch, ', '.join('{} {:.4f}'.format(k.replace('_', ' '), v)
+                             for k, v in entry.items()
+                             if k not in ('epoch', 'seconds')),
+            optimizer.alpha, entry['seconds']))
+        if snapshot is not None:
+            save_snapshot(snapshot, model, optimizer, rs, step, history)
+    return history
 
 
 def predict_all(model, x, batchsize=100):
@@ -155,6 +255,11 @@ def finish_run(folder, model, final):
     model_io.save_model(os.path.join(folder, 'model.npz'), model)
     model_io.write_text(os.path.join(folder, 'final.json'),
                         json.dumps(final, indent=2) + '\n')
+    # the model and final.json hold all that is kept; the snapshot (weights
+    # and Adam's moments, ~150 MB for these networks) only served a resume
+    snapshot = os.path.join(folder, SNAPSHOT)
+    if os.path.exists(snapshot):
+        os.remove(snapshot)
 
 
 def mean_std(values):
@@ -244,16 +349,19 @@ def run_multimnist(args, log=print):
             .format(folder, model.arch, nets.count_parameters(model), len(x),
                     len(tx)))
         start = time.time()
-        losses = train(model, len(x), lambda i, e: (
+        history = train(model, len(x), lambda i, e: (
             x[i], t1[i], t2[i], x1[i], x2[i]), args.epoch, args.batchsize,
-            config['seed'], MULTIMNIST_DECAY_STEPS, log, args.chainer_device)
+            config['seed'], MULTIMNIST_DECAY_STEPS, log, args.chainer_device,
+            snapshot=os.path.join(folder, SNAPSHOT))
         error = pair_error(model, tx, test_set['t1'], test_set['t2'])
         log('{}: MultiMNIST test error {:.2f}%'.format(folder, 100 * error))
         model.to_cpu()
         finish_run(folder, model, dict(
-            config=config, test_error=error, train_losses=losses,
-            parameters=nets.count_parameters(model), train_examples=len(x),
-            test_examples=len(tx), wall_seconds=time.time() - start))
+            config=config, test_error=error,
+            train_losses=[h['train_loss'] for h in history],
+            history=history, parameters=nets.count_parameters(model),
+            train_examples=len(x), test_examples=len(tx),
+            wall_seconds=time.time() - start))
         write_multimnist_table(args)
     return write_multimnist_table(args)
 
@@ -385,20 +493,27 @@ def run_affnist(args, log=print):
                 placed[epoch] = pdata.to_float(pdata.expanded_mnist(
                     images, config['seed'] * 1000 + epoch))
             return placed[epoch][indices], labels[indices]
+        def evaluate():
+            # both test sets after every epoch: the matched-accuracy
+            # comparison picks its epochs from this history
+            return dict(expanded_accuracy=accuracy(model, *expanded),
+                        affine_accuracy=accuracy(model, *affine))
         start = time.time()
-        losses = train(model, len(images), batch, args.epoch, args.batchsize,
-                       config['seed'], MNIST_DECAY_STEPS, log,
-                       args.chainer_device)
-        acc_expanded = accuracy(model, *expanded)
-        acc_affine = accuracy(model, *affine)
+        history = train(model, len(images), batch, args.epoch,
+                        args.batchsize, config['seed'], MNIST_DECAY_STEPS,
+                        log, args.chainer_device,
+                        snapshot=os.path.join(folder, SNAPSHOT),
+                        evaluate=evaluate)
+        last = history[-1]
         log('{}: expanded MNIST {:.2f}%, {} {:.2f}%'.format(
-            folder, 100 * acc_expanded, kind.split(' (')[0],
-            100 * acc_affine))
+            folder, 100 * last['expanded_accuracy'], kind.split(' (')[0],
+            100 * last['affine_accuracy']))
         model.to_cpu()
         finish_run(folder, model, dict(
-            config=config, expanded_accuracy=acc_expanded,
-            affine_accuracy=acc_affine, affine_set=kind, train_losses=losses,
-            parameters=nets.count_parameters(model),
+            config=config, expanded_accuracy=last['expanded_accuracy'],
+            affine_accuracy=last['affine_accuracy'], affine_set=kind,
+            train_losses=[h['train_loss'] for h in history],
+            history=history, parameters=nets.count_parameters(model),
             train_examples=len(images), expanded_test=len(expanded[0]),
             affine_test=len(affine[0]), wall_seconds=time.time() - start))
         write_affnist_table(args, kind)
@@ -458,8 +573,60 @@ def write_affnist_table(args, kind):
             if row['parameters'] else '—', pct(row['mean_expanded_pct']),
             pct(row['mean_affine_pct']), row['paper_expanded_pct'],
             row['paper_affnist_pct'], row['n']))
+    matched = [m for m in (matched_epochs(runs, trial)
+                           for trial in range(args.trials)) if m]
+    meta['matched'] = matched
+    lines += [
+        '', '## At matched expanded-MNIST accuracy', '',
+        "The paper compares the two networks at the same expanded-MNIST "
+        "accuracy (early stopping at 99.23% and 99.22%). Here, per trial, "
+        "the target is the lower of the two networks' best per-epoch "
+        "expanded-MNIST accuracy, and each network is taken at the first "
+        "epoch that reaches it. The epochs are chosen on the expanded-MNIST "
+        "test set itself (there is no separate validation set), as an "
+        "early stop on it would.", '',
+        '| Trial | Target % | CapsNet: epoch, expanded %, {0} % | CNN: '
+        'epoch, expanded %, {0} % |'.format(label),
+        '| ---: | ---: | ---: | ---: |']
+    for m in matched:
+        lines.append('| {} | {:.2f} | {}, {:.2f}, **{:.2f}** | {}, {:.2f}, '
+                     '**{:.2f}** |'.format(
+                         m['trial'], 100 * m['target'],
+                         *(value for row in ('capsnet', 'cnn') for value in (
+                             m[row]['epoch'],
+                             100 * m[row]['expanded_accuracy'],
+                             100 * m[row]['affine_accuracy']))))
+    if not matched:
+        lines.append('| — | not yet: needs both networks of a trial '
+                     'finished | | |')
     _write_tables(args.out, meta, summary, lines)
     return summary
+
+
+def matched_epochs(runs, trial):
+    """The paper's comparison for one trial: both networks at the same
+    expanded-MNIST accuracy.
+
+    runs: {row: [final.json dicts]} with per-epoch ``history``. The target
+    is the lower of the two rows' best expanded accuracy; each row is
+    taken at its first epoch that reaches it. Returns {'trial', 'target',
+    'capsnet': history entry, 'cnn': history entry}, or None when a row of
+    that trial has not finished (or has no history).
+    """
+    histories = {}
+    for row in ('capsnet', 'cnn'):
+        final = next((r for r in runs.get(row, [])
+                      if r['config']['trial'] == trial), None)
+        if final is None or not final.get('history'):
+            return None
+        histories[row] = final['history']
+    target = min(max(h['expanded_accuracy'] for h in history)
+                 for history in histories.values())
+    result = dict(trial=trial, target=target)
+    for row, history in histories.items():
+        result[row] = next(h for h in history
+                           if h['expanded_accuracy'] >= target)
+    return result
 
 
 # --------------------------------------------------------------------------

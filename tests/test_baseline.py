@@ -205,3 +205,30 @@ def test_fast_baseline_is_chosen_on_the_cpu():
         model.fast = False
         plain = model.logits(x).array
     numpy.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_pooling_cnn_equals_plain_in_float64():
+    """The affine experiment's pooling CNN: the fast CPU path (HWBC, DFT
+    convolutions, pooling by reshape and max) gives the plain path's loss
+    and gradients, and is the one chosen on the CPU for sides divisible by
+    4 (Chainer's cover_all pooling differs on odd sides)."""
+    numpy.random.seed(1)
+    model = nets.PoolingCNN(input_size=16, dropout=0)
+    assert model._use_fast()
+    assert not nets.PoolingCNN(input_size=18)._use_fast()
+    for param in model.params():
+        param.array = param.array.astype(numpy.float64)
+    x = numpy.random.rand(3, 1, 16, 16)
+    t = numpy.array([0, 5, 7], dtype=numpy.int32)
+    results = {}
+    for fast in (False, True):
+        model.fast = fast
+        model.cleargrads()
+        loss = model(x, t)
+        loss.backward()
+        results[fast] = (float(loss.array), {
+            name: p.grad.copy() for name, p in model.namedparams()})
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
+    for name, grad in results[False][1].items():
+        numpy.testing.assert_allclose(results[True][1][name], grad,
+                                      rtol=1e-9, atol=1e-12, err_msg=name)

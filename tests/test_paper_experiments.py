@@ -114,15 +114,29 @@ def test_affnist_end_to_end_with_a_real_structured_file(
                  numpy.arange(10))
     out = tmp_path / 'af'
     status, _, err = run_tool(experiments.main, [
-        'affnist', '--epoch', '1', '--out', out, '--data-dir', mnist_dir,
-        '--train-size', '20', '--test-size', '10', '--rows', 'capsnet',
+        'affnist', '--out', out, '--data-dir', mnist_dir,
+        '--train-size', '20', '--test-size', '10', '--epoch', '2',
         '--affnist', tmp_path / 'test.mat', '--batchsize', '10'])
     assert status == 0, err
     result = json.load(open(out / 'results.json'))
     assert result['meta']['affine_is_generated'] is False
-    assert result['summary'][0]['n'] == 1
+    assert [row['n'] for row in result['summary']] == [1, 1]
     table = open(out / 'table.md').read()
     assert 'measured on the real affNIST file' in table
+    # per-epoch history of both test sets, the matched comparison from it,
+    # and no snapshot left once a run has finished
+    for row in ('capsnet', 'cnn'):
+        final = json.load(open(out / (row + '-trial0') / 'final.json'))
+        assert [h['epoch'] for h in final['history']] == [1, 2]
+        assert final['affine_accuracy'] == final['history'][-1][
+            'affine_accuracy']
+        assert not os.path.exists(out / (row + '-trial0') / 'snapshot.npz')
+    matched = result['meta']['matched'][0]
+    assert matched['target'] == min(
+        max(h['expanded_accuracy'] for h in json.load(open(
+            out / (row + '-trial0') / 'final.json'))['history'])
+        for row in ('capsnet', 'cnn'))
+    assert '## At matched expanded-MNIST accuracy' in table
     # a file of another structure: one line
     (tmp_path / 'bad.mat').write_bytes(b'not a mat file')
     status, _, err = run_tool(experiments.main, [
@@ -131,3 +145,75 @@ def test_affnist_end_to_end_with_a_real_structured_file(
         tmp_path / 'bad.mat'])
     assert status == 1
     assert 'is not an affNIST .mat file' in one_error_line(err)
+
+
+def _tiny_training(snapshot, epochs, log=None):
+    """A small dropout CNN trained by paper_experiments.train on random
+    data: dropout draws from NumPy's global generator, so an exact resume
+    needs every piece of state the snapshot keeps."""
+    numpy.random.seed(3)
+    model = nets.PoolingCNN(input_size=8, dropout=0.5)
+    rs = numpy.random.RandomState(0)
+    x = rs.rand(12, 1, 8, 8).astype(numpy.float32)
+    t = rs.randint(0, 10, 12).astype(numpy.int32)
+    seen = []
+
+    def evaluate():
+        return dict(accuracy=paper_experiments.accuracy(model, x, t))
+    history = paper_experiments.train(
+        model, 12, lambda i, e: (x[i], t[i]), epochs, 5, 7, 4,
+        log=log or seen.append, snapshot=snapshot, evaluate=evaluate)
+    return model, history, seen
+
+
+def test_an_interrupted_run_resumes_from_its_snapshot_to_the_same_result(
+        tmp_path):
+    whole, whole_history, _ = _tiny_training(None, 3)
+    snapshot = str(tmp_path / paper_experiments.SNAPSHOT)
+    _tiny_training(snapshot, 2)          # "interrupted" after epoch 2
+    resumed, history, said = _tiny_training(snapshot, 3)
+    assert any('resumed from' in line and 'after epoch 2' in line
+               for line in said)
+    assert [h['epoch'] for h in history] == [1, 2, 3]
+    for a, b in zip(history, whole_history):
+        assert a['train_loss'] == b['train_loss']
+        assert a['accuracy'] == b['accuracy']
+    for (name, p), (_, q) in zip(sorted(resumed.namedparams()),
+                                 sorted(whole.namedparams())):
+        assert numpy.array_equal(p.array, q.array), name
+
+
+def test_a_damaged_snapshot_is_said_and_training_starts_again(tmp_path):
+    whole, whole_history, _ = _tiny_training(None, 2)
+    snapshot = tmp_path / paper_experiments.SNAPSHOT
+    snapshot.write_bytes(b'PK\x03\x04 truncated')
+    model, history, said = _tiny_training(str(snapshot), 2)
+    assert any('is damaged' in line and 'training from epoch 1' in line
+               for line in said)
+    assert [h['train_loss'] for h in history] == [
+        h['train_loss'] for h in whole_history]
+    # a snapshot of another network (other shapes) changes nothing either
+    other = tmp_path / 'other.npz'
+    numpy.savez(other, step=numpy.array(1), history=numpy.array('[]'))
+    model, history, said = _tiny_training(str(other), 1)
+    assert any('is missing or has another shape' in line for line in said)
+    assert history[0]['train_loss'] == whole_history[0]['train_loss']
+
+
+def test_matched_epochs_takes_each_network_where_both_reach_the_target():
+    def final(trial, expanded, affine):
+        return dict(config=dict(trial=trial), history=[
+            dict(epoch=e + 1, expanded_accuracy=x, affine_accuracy=a)
+            for e, (x, a) in enumerate(zip(expanded, affine))])
+    runs = dict(capsnet=[final(0, [0.90, 0.97, 0.99], [0.5, 0.7, 0.8])],
+                cnn=[final(0, [0.95, 0.98, 0.96], [0.4, 0.6, 0.55])])
+    m = paper_experiments.matched_epochs(runs, 0)
+    # the CNN's best is 98%: the CapsNet reaches it first at epoch 3
+    assert m['target'] == 0.98
+    assert m['capsnet']['epoch'] == 3 and m['capsnet']['affine_accuracy'] \
+        == 0.8
+    assert m['cnn']['epoch'] == 2 and m['cnn']['affine_accuracy'] == 0.6
+    # a trial with one network missing, or runs without history: none
+    assert paper_experiments.matched_epochs(runs, 1) is None
+    runs['cnn'][0].pop('history')
+    assert paper_experiments.matched_epochs(runs, 0) is None
