@@ -173,6 +173,37 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _exit_while_importing(signum, frame):
+    """The handler of ``exit_on_signals_while_importing``: one line, then
+    exit at once (nothing has been written yet)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stderr.write('error: interrupted\n')
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+def exit_on_signals_while_importing():
+    """Ctrl-C or SIGTERM before ``run_main`` runs (while Python imports
+    NumPy, Chainer, matplotlib, which takes a second or more) ends the
+    process with ``error: interrupted`` and status 130 / 143 instead of a
+    traceback. Every tool calls it at the top of its file, under ``if
+    __name__ == '__main__':``, before its other imports; ``run_main`` then
+    takes the signals over. A signal the shell made the process ignore
+    (``command &``) stays ignored."""
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _exit_while_importing)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_while_importing)
+    except ValueError:  # not the main thread
+        pass
+
+
 def run_main(main, argv=None, interrupted='interrupted'):
     """Run a tool's ``main(argv)`` and return its exit status.
 
@@ -181,7 +212,11 @@ def run_main(main, argv=None, interrupted='interrupted'):
     (status 1); never a traceback for these.
     """
     try:
+        if signal.getsignal(signal.SIGINT) is _exit_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        if previous is _exit_while_importing:
+            previous = signal.SIG_DFL
     except ValueError:  # not the main thread
         previous = None
     try:

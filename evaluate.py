@@ -24,11 +24,14 @@ import json
 import os
 import sys
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 
 from matplotlib.figure import Figure
 
-import cli
 import datasets
 import devices
 import figures

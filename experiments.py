@@ -40,6 +40,9 @@ import sys
 import time
 
 import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import datasets
 import model_io
 import paper_experiments

@@ -32,10 +32,13 @@ import os
 import sys
 import warnings
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 from PIL import Image, UnidentifiedImageError
 
-import cli
 import devices
 import figures
 import model_io

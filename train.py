@@ -17,6 +17,10 @@ import sys
 import zipfile
 import zlib
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
@@ -24,7 +28,6 @@ import chainer
 from chainer import training
 from chainer.training import extensions
 
-import cli
 import datasets
 import devices
 import distributed

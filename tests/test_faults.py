@@ -215,6 +215,36 @@ def test_train_interrupted_is_one_line_and_resumable(tmp_path, signum,
     assert train.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
 
 
+SIGNALS = [('INT', 130), ('TERM', 143)]
+TOOLS = ['train.py', 'visualize.py', 'evaluate.py', 'predict.py',
+         'experiments.py', 'benchmark.py', 'gpu_check.py']
+
+
+def interrupt(point, signame, tool, *argv):
+    """Run ``tool`` under tests/interrupt_at.py, which sends it SIGsigname
+    at ``point``; the finished process."""
+    return subprocess.run(
+        [sys.executable, os.path.join('tests', 'interrupt_at.py'), point,
+         signame, tool, *[str(a) for a in argv]], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+@pytest.mark.parametrize('signame, status', SIGNALS)
+@pytest.mark.parametrize('tool', TOOLS)
+def test_a_signal_while_a_tool_imports_is_one_line(tool, signame, status):
+    """Ctrl-C or SIGTERM while the tool is still importing (NumPy for most;
+    benchmark.py and gpu_check.py import only the standard library at the
+    top, so json there): one line and 130 / 143, not a traceback (nor a
+    silent death by SIGTERM)."""
+    module = 'json' if tool in ('benchmark.py', 'gpu_check.py') else \
+        'numpy'
+    result = interrupt('import:' + module, signame, tool, '--help')
+    assert result.returncode == status, result.stderr
+    assert one_error_line(result.stderr) == 'error: interrupted'
+    assert result.stdout == ''
+
+
 def test_an_interrupted_snapshot_write_leaves_nothing(tmp_path, monkeypatch):
     """SIGTERM (raised as cli.Terminated) during a snapshot's write: the
     temp file goes, the earlier snapshot stays."""
