@@ -493,9 +493,9 @@ def add_reports(trainer, args, model, validation):
     """The log, plots, the printed report and the progress bar."""
     trainer.extend(extensions.LogReport())
     if extensions.PlotReport.available():
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(ext.AtomicPlotReport(
             ['main/loss', 'test/main/loss'], 'epoch', file_name='loss.png'))
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(ext.AtomicPlotReport(
             ['main/accuracy', 'test/main/accuracy'], 'epoch',
             file_name='accuracy.png'))
     trainer.extend(extensions.PrintReport(report_keys(model, validation)))

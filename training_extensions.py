@@ -1,10 +1,12 @@
 """The pieces train.py puts into its Trainer (as Chainer's examples keep
 them beside train_mnist.py): the augmenting updater, the exact evaluator,
-and the extensions that record options, the accuracy history and the best
-model; plus ``newest_snapshot`` for --autoload and experiments.py.
+the atomic plots, and the extensions that record options, the accuracy
+history and the best model; plus ``newest_snapshot`` for --autoload and
+experiments.py.
 """
 import collections
 import copy
+import functools
 import glob
 import json
 import os
@@ -146,6 +148,31 @@ class ExactEvaluator(extensions.Evaluator):
                     summaries[key].add(value, weight=len(batch))
         return {key: summary.compute_mean()
                 for key, summary in summaries.items()}
+
+
+class AtomicPlotReport(extensions.PlotReport):
+    """Chainer's PlotReport whose PNG (loss.png, accuracy.png) is written
+    through model_io.atomic_write: made in memory, the free space checked,
+    then a temporary file beside it and a rename. A full disk or an
+    interrupt leaves the previous plot intact and no half-written file
+    (PlotReport itself saves in place)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        postprocess = self._postprocess
+
+        def atomic(figure, axes, summary):
+            # the last call before PlotReport's figure.savefig(path, ...)
+            if postprocess is not None:
+                postprocess(figure, axes, summary)
+            figure.savefig = functools.partial(_atomic_savefig, figure)
+        self._postprocess = atomic
+
+
+def _atomic_savefig(figure, path, **options):
+    options.setdefault('format', 'png')
+    model_io.atomic_write(path, lambda f: type(figure).savefig(
+        figure, f, **options))
 
 
 class FinalReport(training.Extension):

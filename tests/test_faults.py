@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy
 import pytest
@@ -124,6 +125,49 @@ def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
     assert 'the log or the plots in {}'.format(out) in line, line
     assert '--autoload from {}'.format(out / 'snapshot_epoch_1') in line
     assert leftovers(str(out)) == []
+
+
+def plot_once(out, value):
+    """One AtomicPlotReport('loss.png') call, as the trainer makes it."""
+    report = training_extensions.AtomicPlotReport(['main/loss'], 'epoch',
+                                                  file_name='loss.png')
+    report(types.SimpleNamespace(
+        observation={'main/loss': value}, is_before_training=True,
+        out=str(out), updater=types.SimpleNamespace(
+            epoch=1, iteration=3, epoch_detail=1.0, is_new_epoch=True)))
+
+
+def test_plots_on_a_full_disk_keep_the_previous_png(tmp_path, monkeypatch):
+    """loss.png / accuracy.png: a disk that fills during the write, or has
+    no room up front, leaves the previous plot and no temporary file."""
+    plot_once(tmp_path, 1.0)
+    before = (tmp_path / 'loss.png').read_bytes()
+    assert before.startswith(b'\x89PNG') and leftovers(str(tmp_path)) == []
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as patch:
+        patch.setattr(os, 'fsync', no_room)
+        with pytest.raises(cli.DiskFullError, match='loss.png is intact'):
+            plot_once(tmp_path, 2.0)
+    assert (tmp_path / 'loss.png').read_bytes() == before
+    assert leftovers(str(tmp_path)) == []
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10)
+    with pytest.raises(cli.DiskFullError, match='not enough free space'):
+        plot_once(tmp_path, 3.0)
+    assert (tmp_path / 'loss.png').read_bytes() == before
+    assert sorted(os.listdir(str(tmp_path))) == ['loss.png']
+
+
+def test_train_writes_its_plots_atomically():
+    from chainer.training import extensions
+    added = []
+    trainer = types.SimpleNamespace(extend=lambda e, **kw: added.append(e))
+    train.add_reports(trainer, types.SimpleNamespace(no_progress=True),
+                      types.SimpleNamespace(reconstruct=False), None)
+    plots = [e for e in added if isinstance(e, extensions.PlotReport)]
+    assert len(plots) == 2 and all(
+        isinstance(e, training_extensions.AtomicPlotReport) for e in plots)
 
 
 def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
