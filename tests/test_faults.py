@@ -289,6 +289,79 @@ def test_a_signal_while_a_tool_imports_is_one_line(tool, signame, status):
     assert result.stdout == ''
 
 
+def leftovers_below(folder):
+    """Temporary files and folders, and lock files, anywhere below."""
+    found = []
+    for top, dirs, files in os.walk(str(folder)):
+        found += [os.path.join(top, n) for n in dirs + files
+                  if n.endswith('.tmp') or n.startswith('tmp') or
+                  n == model_io.LOCK_NAME]
+    return found
+
+
+@pytest.fixture(scope='module')
+def multimnist_model_path(tmp_path_factory):
+    state = numpy.random.get_state()
+    numpy.random.seed(0)
+    path = str(tmp_path_factory.mktemp('models') / 'two.npz')
+    model_io.save_model(path, nets.TwoDigitCapsNet())
+    numpy.random.set_state(state)
+    return path
+
+
+EXPERIMENTS_INTERRUPTED = ('error: interrupted; run the same command again '
+                           'to continue the sweep')
+# (tool and its flags, where the signal comes, the message, files that an
+# uninterrupted run writes into OUT and this one must not)
+SIGNAL_POINTS = {
+    'evaluate': (['evaluate.py', '--test-size', '20'], 'write',
+                 'error: interrupted', ['confusion.png', 'evaluation.json']),
+    'visualize': (['visualize.py'], 'write', 'error: interrupted',
+                  ['vis.png']),
+    'benchmark': (['benchmark.py', '-b', '2', '--repeats', '1', '--warmup',
+                   '0'], 'call:chainer.optimizers:Adam.update',
+                  'error: interrupted', []),
+    'multimnist': (['experiments.py', 'multimnist', '--epoch', '1',
+                    '--train-digits', '30', '--pairs-per-digit', '2',
+                    '--test-digits', '20', '--test-pairs-per-digit', '1',
+                    '--rows', 'capsnet', '--batchsize', '20'], 'write',
+                   EXPERIMENTS_INTERRUPTED,
+                   ['data/multimnist-train.npz']),
+    'affnist': (['experiments.py', 'affnist', '--epoch', '1',
+                 '--train-size', '20', '--test-size', '10', '--rows',
+                 'capsnet', '--batchsize', '10'],
+                'call:chainer.optimizers:Adam.update',
+                EXPERIMENTS_INTERRUPTED, ['capsnet-trial0/final.json']),
+    'figure5': (['experiments.py', 'figure5', '--test-digits', '30'],
+                'write', EXPERIMENTS_INTERRUPTED, ['figure5.json']),
+}
+
+
+@needs_mnist
+@pytest.mark.parametrize('signame, status', SIGNALS)
+@pytest.mark.parametrize('case', sorted(SIGNAL_POINTS))
+def test_a_signal_at_work_is_one_line_and_leaves_no_temp_files(
+        tmp_path, fresh_model_path, multimnist_model_path, case, signame,
+        status):
+    """SIGINT / SIGTERM sent at a chosen point of each tool's work (in the
+    middle of its first atomic write, or in a training step): one line,
+    130 / 143, no temporary file or lock left, nothing half-written."""
+    argv, point, message, not_written = SIGNAL_POINTS[case]
+    out = tmp_path / 'out'
+    if case != 'benchmark':
+        argv = argv + ['--out', out, '--data-dir', MNIST]
+    if case in ('evaluate', 'visualize'):
+        argv += ['--load', fresh_model_path]
+    elif case == 'figure5':
+        argv += ['--load', multimnist_model_path]
+    result = interrupt(point, signame, *argv)
+    assert result.returncode == status, result.stderr
+    assert one_error_line(result.stderr) == message
+    assert leftovers_below(tmp_path) == []
+    for name in not_written:
+        assert not (out / name).exists(), name
+
+
 def test_an_interrupted_snapshot_write_leaves_nothing(tmp_path, monkeypatch):
     """SIGTERM (raised as cli.Terminated) during a snapshot's write: the
     temp file goes, the earlier snapshot stays."""
