@@ -132,7 +132,9 @@ def build_model(args):
 def memory_estimate(args):
     """Rough bytes a training run needs (parameters with their gradients and
     Adam's two moments, plus one step's and one evaluation batch's
-    activations), from the shapes alone: nothing is allocated."""
+    activations), from the shapes alone: nothing is allocated. The
+    evaluation batch counts at most devices.INFERENCE_SHARE of the memory:
+    a larger one is evaluated in chunks (devices.inference_batch)."""
     side = args.input_size
     if args.arch == 'capsnet':
         grid = nets.primary_grid(side)
@@ -146,8 +148,11 @@ def memory_estimate(args):
     else:
         params = 128 * side * side * 328 + 256 * 256 * 25 + 256 * 128 * 25
         per_example = 4 * 3 * (256 + 256 + 128 + 1) * side * side
-    return (16 * params + per_example * args.batchsize +
-            per_example // 2 * args.eval_batchsize)
+    evaluation = per_example // 2 * args.eval_batchsize
+    memory = devices.physical_memory()
+    if memory:
+        evaluation = min(evaluation, int(memory * devices.INFERENCE_SHARE))
+    return 16 * params + per_example * args.batchsize + evaluation
 
 
 def check_memory(args):
@@ -155,11 +160,10 @@ def check_memory(args):
     need, have = memory_estimate(args), devices.physical_memory()
     if have and need > have:
         cli.fail('this configuration needs about {:.1f} GB of memory (--arch '
-                 '{}, --input-size {}, --batchsize {}, --eval-batchsize {}) '
-                 'and the machine has {:.1f} GB; lower --input-size or the '
-                 'batch sizes'.format(need / 1e9, args.arch, args.input_size,
-                                      args.batchsize, args.eval_batchsize,
-                                      have / 1e9))
+                 '{}, --input-size {}, --batchsize {}) and the machine has '
+                 '{:.1f} GB; lower --input-size or --batchsize'.format(
+                     need / 1e9, args.arch, args.input_size, args.batchsize,
+                     have / 1e9))
 
 
 def snapshot_bytes(model):
@@ -381,6 +385,10 @@ def main(argv=None):
               'batch {}) and about {} training examples'.format(
                   comm.size, args.communicator, args.batchsize,
                   comm.size * args.batchsize, len(train)))
+    # evaluation in chunks that fit in memory (said once if it splits)
+    eval_chunk = devices.inference_batch(model, min(
+        args.eval_batchsize, max(len(test), len(validation or ()))),
+        say=print)
     model.to_device(device)
     # room for two snapshots and the model, checked before the long run
     cli.check_free_space(out, 2 * snapshot_bytes(model), 'the snapshots')
@@ -414,15 +422,17 @@ def main(argv=None):
     # Extensions: evaluation on the test set (under MPI over every rank's
     # shard) and the validation set
     if comm is None:
-        trainer.extend(ext.ExactEvaluator(test_iter, model, device=device),
-                       name='test')
+        trainer.extend(ext.ExactEvaluator(test_iter, model, device=device,
+                                          chunk=eval_chunk), name='test')
     else:
         trainer.extend(distributed.MultiNodeExactEvaluator(
-            comm, test_iter, model, device=device), name='test')
+            comm, test_iter, model, device=device, chunk=eval_chunk),
+            name='test')
     if validation is not None:
         val_iter = chainer.iterators.SerialIterator(
             validation, args.eval_batchsize, repeat=False, shuffle=False)
-        trainer.extend(ext.ExactEvaluator(val_iter, model, device=device),
+        trainer.extend(ext.ExactEvaluator(val_iter, model, device=device,
+                                          chunk=eval_chunk),
                        name='val')   # every rank: the whole validation set
         if root:
             trainer.extend(ext.SaveBest(

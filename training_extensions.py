@@ -125,7 +125,15 @@ class ExactEvaluator(extensions.Evaluator):
     the exact fraction of correct examples even when the last batch is
     short (Chainer's Evaluator weights every batch alike). The pass runs in
     the model's ``inference()`` context: its weights are fixed, so the fast
-    CPU kernels can reuse their weight transforms."""
+    CPU kernels can reuse their weight transforms.
+
+    ``chunk``: run the model on at most this many examples at a time (a
+    batch larger than memory allows is split; devices.inference_batch);
+    each chunk is weighted by its size, so the means are the same."""
+
+    def __init__(self, *args, chunk=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk = chunk
 
     def evaluate(self):
         iterator = self._iterators['main']
@@ -139,13 +147,16 @@ class ExactEvaluator(extensions.Evaluator):
         with model.inference(), chainer.using_config('train', False), \
                 chainer.no_backprop_mode():
             for batch in it:
-                x, t = chainer.dataset.convert._call_converter(
-                    self.converter, batch, self.device)
-                observation = {}
-                with chainer.reporter.report_scope(observation):
-                    (self.eval_func or model)(x, t)
-                for key, value in observation.items():
-                    summaries[key].add(value, weight=len(batch))
+                size = self.chunk or len(batch)
+                for start in range(0, len(batch), size):
+                    part = batch[start:start + size]
+                    x, t = chainer.dataset.convert._call_converter(
+                        self.converter, part, self.device)
+                    observation = {}
+                    with chainer.reporter.report_scope(observation):
+                        (self.eval_func or model)(x, t)
+                    for key, value in observation.items():
+                        summaries[key].add(value, weight=len(part))
         return {key: summary.compute_mean()
                 for key, summary in summaries.items()}
 

@@ -462,10 +462,8 @@ def test_divergence_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
     (['--max-shift', '28'], ['--max-shift', 'below --input-size (28)']),
     (['--input-size', '4000'], ['needs about', 'GB of memory',
                                 'lower --input-size']),
-    (['--eval-batchsize', '100000000'], ['GB of memory',
-                                         '--eval-batchsize 100000000']),
 ], ids=['seed-negative', 'seed-too-large', 'leaky-slope', 'max-shift',
-        'input-size', 'eval-batchsize'])
+        'input-size'])
 def test_train_numbers_out_of_range(run_tool, tmp_path, args, fragments):
     status, _, err = run_tool(train.main, ['-o', tmp_path / 'out'] + args)
     assert status in (1, 2)
@@ -488,8 +486,131 @@ def test_inference_batches_are_split_to_fit(fresh_model_path, monkeypatch):
     import devices
     model = model_io.load_model(fresh_model_path)
     monkeypatch.setattr(devices, 'physical_memory', lambda: 4 * 10 ** 9)
-    assert devices.inference_batch(model, 100) == 100
-    assert 100 < devices.inference_batch(model, 10 ** 9) < 5000
+    said = []
+    assert devices.inference_batch(model, 100, say=said.append) == 100
+    assert said == []
+    chunk = devices.inference_batch(model, 10 ** 9, say=said.append)
+    assert 100 < chunk < 5000
+    assert said == ['a batch of 1000000000 examples would take about '
+                    '3037312.0 GB, more than 25% of the 4.0 GB of memory; it '
+                    'is evaluated in chunks of {} (the results are the '
+                    'same)'.format(chunk)]
+
+
+def test_a_huge_eval_batchsize_is_not_refused():
+    """Evaluation runs in chunks, so --eval-batchsize alone never makes
+    train.py refuse a run (it did: 'needs about N GB of memory')."""
+    args = train.build_parser().parse_args(['--eval-batchsize', '100000000'])
+    train.check_memory(args)  # no SystemExit
+    small = train.build_parser().parse_args(['--eval-batchsize', '200'])
+    assert train.memory_estimate(args) >= train.memory_estimate(small)
+
+
+def tiny_capsnet_and_data(n=23):
+    numpy.random.seed(0)
+    model = nets.CapsNet(routing=1, reconstruct=True)
+    rs = numpy.random.RandomState(1)
+    data = training_extensions.chainer.datasets.TupleDataset(
+        rs.rand(n, 1, 28, 28).astype(numpy.float32),
+        rs.randint(0, 10, n).astype(numpy.int32))
+    return model, data
+
+
+def test_exact_evaluator_in_chunks_gives_the_same_figures():
+    """One batch of 23 evaluated in chunks of 5 gives exactly what batches
+    of 5 give, and the model never sees more than 5 examples at once."""
+    import chainer
+    model, data = tiny_capsnet_and_data()
+    seen = []
+
+    def evaluate(batchsize, chunk):
+        def forward(x, t):
+            seen.append(len(x))
+            return model(x, t)
+        iterator = chainer.iterators.SerialIterator(
+            data, batchsize, repeat=False, shuffle=False)
+        reporter = chainer.Reporter()
+        reporter.add_observer('main', model)
+        with reporter:
+            result = training_extensions.ExactEvaluator(
+                iterator, model, eval_func=forward, chunk=chunk).evaluate()
+        return {key: float(getattr(value, 'array', value))
+                for key, value in result.items()}
+    chunked = evaluate(10 ** 8, 5)
+    assert seen == [5, 5, 5, 5, 3]
+    small = evaluate(5, None)
+    assert set(small) >= {'main/loss', 'main/accuracy'}
+    assert chunked == small
+    whole = evaluate(23, None)
+    assert abs(whole['main/accuracy'] - chunked['main/accuracy']) < 1e-6
+
+
+@needs_mnist
+def test_evaluate_and_predict_split_a_huge_batch(run_tool, fresh_model_path,
+                                                 tmp_path, monkeypatch):
+    """-b larger than memory allows: said once, and the figures are those
+    of a small batch."""
+    import devices
+    model = model_io.load_model(fresh_model_path)
+    per_example = devices.inference_bytes_per_example(model)
+    flags = ['--load', fresh_model_path, '--data-dir', MNIST, '--test-size',
+             '30', '--json']
+    status, small, _ = run_tool(evaluate.main, flags + [
+        '-o', tmp_path / 'a', '-b', '7'])
+    assert status == 0
+    monkeypatch.setattr(devices, 'physical_memory', lambda: 4 * 7 *
+                        per_example + 3)
+    status, chunked, err = run_tool(evaluate.main, flags + [
+        '-o', tmp_path / 'b', '-b', '100000'])
+    assert status == 0
+    assert err.count('it is evaluated in chunks of 7') == 1, err
+    assert 'a batch of 30 examples' in err
+    small, chunked = json.loads(small), json.loads(chunked)
+    assert small.pop('model') == chunked.pop('model') == fresh_model_path
+    assert small == chunked
+
+    from PIL import Image
+    image = tmp_path / 'digit.png'
+    pixels = numpy.zeros((28, 28), numpy.uint8)
+    pixels[6:22, 12:16] = 255
+    Image.fromarray(pixels).save(str(image))
+    status, out, err = run_tool(predict.main, [
+        '--load', fresh_model_path, '--json', '-b', '1000'] + [image] * 9)
+    assert status == 0 and len(out.splitlines()) == 9
+    assert one_line(err).endswith('it is evaluated in chunks of 7 (the '
+                                  'results are the same)')
+
+
+def one_line(text):
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_train_evaluates_a_huge_eval_batch_in_chunks(tmp_path, monkeypatch,
+                                                     run_tool):
+    """--eval-batchsize 100000000 is no longer refused: the test set is
+    evaluated in chunks (said once), with exactly the figures of
+    --eval-batchsize 7."""
+    import devices
+
+    def run(out, eval_batchsize):
+        status, stdout, err = run_tool(train.main, [
+            '--data-dir', MNIST, *TINY, '-e', '1', '-o', out,
+            '--eval-batchsize', eval_batchsize])
+        assert status == 0, err
+        with open(str(out / 'log')) as f:
+            return stdout, json.load(f)[-1]
+    _, small = run(tmp_path / 'small', 7)
+    monkeypatch.setattr(devices, 'inference_bytes_per_example',
+                        lambda model: devices.physical_memory() // 4 // 7)
+    stdout, chunked = run(tmp_path / 'chunked', 100000000)
+    assert stdout.count('evaluated in chunks of 7') == 1, stdout
+    assert 'a batch of 50 examples' in stdout
+    for key in ('test/main/loss', 'test/main/accuracy'):
+        assert chunked[key] == small[key], key
 
 
 # --------------------------------------------------------------------------
