@@ -202,7 +202,7 @@ def readable_snapshot(path):
     """None if every array of the snapshot at ``path`` reads (CRCs and
     all), else why not."""
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with model_io.open_npz(path) as npz:
             for name in npz.files:
                 npz[name]
     except DAMAGED as e:
@@ -229,7 +229,7 @@ def check_recorded(trainer, path):
     before loading it, so a conflict is named (and not found later as a
     shape error of some array)."""
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with model_io.open_npz(path) as npz:
             for name in ('options', 'settings'):
                 trainer.get_extension(name).serialize(
                     chainer.serializers.NpzDeserializer(
@@ -263,7 +263,8 @@ def resume(trainer, args, comm=None):
                  .format(path, hint))
     check_recorded(trainer, path)
     try:
-        chainer.serializers.load_npz(path, trainer)
+        with open(path, 'rb') as f:  # closed even if the file is damaged
+            chainer.serializers.load_npz(f, trainer)
     except Exception as e:
         cli.fail('cannot resume from {} ({}: {}); it is not a snapshot of '
                  'this configuration'.format(
@@ -287,6 +288,15 @@ def run_settings(args):
                 validation=args.validation, max_shift=args.max_shift)
 
 
+def counted_error(accuracy, n):
+    """(errors, error) over ``n`` examples from their mean accuracy: the
+    count of errors, rounded to a whole example, and errors / n, so that
+    final.json holds 0.0059 and not 1 - 0.9941 = 0.005900000000000016
+    (the accuracy is a float32 mean)."""
+    errors = int(round((1 - accuracy) * n))
+    return errors, errors / n
+
+
 def write_summary(args, model, n_params, sizes, validation, final,
                   resumed_from=None, comm=None):
     """Print the final and the lowest test error; write final.json."""
@@ -308,14 +318,18 @@ def write_summary(args, model, n_params, sizes, validation, final,
     if final.history:
         last_epoch, last_acc = final.history[-1]
         best_epoch, best_acc = max(final.history, key=lambda h: h[1])
+        last_errors, last_error = counted_error(last_acc, test_size)
+        best_errors, best_error = counted_error(best_acc, test_size)
         summary.update(
-            final_epoch=last_epoch, final_test_error=1 - last_acc,
-            best_on_test_epoch=best_epoch, best_on_test_error=1 - best_acc)
-        print('final-epoch test error: {:.2f}% (epoch {}, {} test examples)'
-              .format(100 * (1 - last_acc), last_epoch, test_size))
-        print('lowest test error over epochs: {:.2f}% (epoch {}; chosen on '
-              'the test set, so optimistic)'.format(100 * (1 - best_acc),
-                                                    best_epoch))
+            final_epoch=last_epoch, final_test_error=last_error,
+            final_test_errors=last_errors, best_on_test_epoch=best_epoch,
+            best_on_test_error=best_error, best_on_test_errors=best_errors)
+        print('final-epoch test error: {:.2f}% ({} of {} test examples, '
+              'epoch {})'.format(100 * last_error, last_errors, test_size,
+                                 last_epoch))
+        print('lowest test error over epochs: {:.2f}% ({} errors, epoch {}; '
+              'chosen on the test set, so optimistic)'.format(
+                  100 * best_error, best_errors, best_epoch))
     model_io.write_text(os.path.join(args.out, 'final.json'),
                         json.dumps(summary, indent=2) + '\n')
 
