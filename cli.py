@@ -122,6 +122,9 @@ def device_spec(spec):
 
 def check_writable(folder, what='--out', status=1):
     """Create ``folder`` if needed and make sure files can be written there."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail('cannot write to {}: it is a file, not a folder; choose another '
+             '{}'.format(folder, what), status)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write-test', dir=folder)
@@ -209,7 +212,8 @@ def run_main(main, argv=None, interrupted='interrupted'):
 
     Ctrl-C prints ``error: INTERRUPTED`` and gives 130, SIGTERM the same and
     143 (the shells' 128 + signal); a full disk is one line naming the file
-    (status 1); never a traceback for these.
+    (status 1), and so is running out of memory; never a traceback for
+    these.
     """
     try:
         if signal.getsignal(signal.SIGINT) is _exit_while_importing:
@@ -227,6 +231,10 @@ def run_main(main, argv=None, interrupted='interrupted'):
         return _interrupted(interrupted, 128 + signal.SIGTERM)
     except DiskFullError as e:
         fail(e)
+    except MemoryError as e:
+        fail('out of memory ({}); use smaller batches (--batchsize/-b, '
+             '--eval-batchsize) or a smaller --input-size'.format(
+                 ' '.join(str(e).split()) or 'MemoryError'))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -598,8 +598,9 @@ def paper_command(args):
             paper_experiments.run_multimnist(args)
         else:
             if args.affnist and not os.path.isfile(args.affnist):
-                cli.fail('affNIST file {} does not exist'.format(
-                    args.affnist))
+                cli.fail('affNIST file {} {}'.format(args.affnist, 'is a '
+                         'folder; pass the .mat file' if os.path.isdir(
+                             args.affnist) else 'does not exist'))
             paper_experiments.run_affnist(args)
     except (paper_datasets.DataError, datasets.DatasetError,
             paper_experiments.RunConflict) as e:

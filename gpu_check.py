@@ -86,7 +86,7 @@ class Check:
         self.summary = {'device': args.device, 'dry_run': args.dry_run,
                         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                         'steps': {}}
-        os.makedirs(self.out, exist_ok=True)
+        cli.check_writable(self.out)
 
     def seconds_left(self):
         return self.deadline - time.monotonic()

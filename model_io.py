@@ -137,12 +137,26 @@ def save_model(path, model):
     atomic_write(path, lambda f: numpy.savez_compressed(f, **target))
 
 
+def _npz_hint(folder):
+    """', e.g. FOLDER/NAME.npz' for the first .npz file in ``folder``."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith('.npz'))
+    except OSError:
+        names = []
+    return ', e.g. {}'.format(os.path.join(folder, names[0])) if names \
+        else ''
+
+
 def read_model_meta(path):
     """(arch, options) stored in a model file; ModelFileError if unusable."""
     if not os.path.exists(path):
         raise ModelFileError(
             'model file {} does not exist; pass the path given to '
             'train.py --save'.format(path))
+    if os.path.isdir(path):
+        raise ModelFileError(
+            '{} is a folder, not a model file; pass the file given to '
+            'train.py --save{}'.format(path, _npz_hint(path)))
     try:
         with open_npz(path) as npz:
             if _META_KEY not in npz.files:

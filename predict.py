@@ -311,6 +311,10 @@ def main(argv=None):
              '(--input-size >= {})'.format(
                  args.load, model.input_size, model.input_size, MNIST_SIDE,
                  MNIST_SIDE, MNIST_SIDE), USAGE)
+    if args.reconstruct and os.path.isdir(args.reconstruct):
+        fail('--reconstruct {} is a folder; give a file name, e.g. {}'.format(
+            args.reconstruct, os.path.join(args.reconstruct, 'recon.png')),
+            USAGE)
     if args.reconstruct:
         cli.check_writable(
             os.path.dirname(os.path.abspath(args.reconstruct)),

@@ -221,6 +221,9 @@ def autoload_path(out):
             return found[epoch]
         print('skipping the damaged snapshot {} ({})'.format(
             found[epoch], problem), flush=True)
+    if found:
+        print('no intact snapshot in {}; starting from epoch 0'.format(out),
+              flush=True)
     return None
 
 
@@ -261,6 +264,12 @@ def resume(trainer, args, comm=None):
                '--routing {})'.format(path) if path.isdigit() else ''
         cli.fail('snapshot {} does not exist; check --resume{}'
                  .format(path, hint))
+    if os.path.isdir(path):
+        newest = ext.newest_snapshot(path)
+        cli.fail('--resume {} is a folder; pass a snapshot file{}'.format(
+            path, ' (the newest there is {}), or continue with --out {} '
+            '--autoload'.format(newest, path) if newest else
+            ' (snapshot_epoch_N in the --out of a run)'))
     check_recorded(trainer, path)
     try:
         with open(path, 'rb') as f:  # closed even if the file is damaged
