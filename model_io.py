@@ -166,6 +166,9 @@ def read_model_meta(path):
             meta = json.loads(str(npz[_META_KEY]))
     except ModelFileError:
         raise
+    except PermissionError as e:
+        raise ModelFileError('cannot read model file {} ({}); check its '
+                             'permissions'.format(path, e.strerror or e))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError,
             KeyError) as e:
         raise ModelFileError(

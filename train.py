@@ -274,6 +274,9 @@ def resume(trainer, args, comm=None):
     try:
         with open(path, 'rb') as f:  # closed even if the file is damaged
             chainer.serializers.load_npz(f, trainer)
+    except PermissionError as e:
+        cli.fail('cannot read snapshot {} ({}); check its permissions'
+                 .format(path, e.strerror or e))
     except Exception as e:
         cli.fail('cannot resume from {} ({}: {}); it is not a snapshot of '
                  'this configuration'.format(

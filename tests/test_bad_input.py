@@ -551,3 +551,34 @@ def test_running_out_of_memory_is_one_line(capsys):
     assert err == ('error: out of memory (Unable to allocate 5.70 TiB for an '
                    'array); use smaller batches (--batchsize/-b, '
                    '--eval-batchsize) or a smaller --input-size\n')
+
+
+def test_an_unreadable_model_file(fresh_model_path, monkeypatch, run_tool):
+    """Permission denied (simulated: the tests may run as root): not 'it may
+    be truncated or corrupt, so train again'."""
+    import evaluate
+    import model_io
+
+    def denied(path, mode='r'):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(model_io, 'open', denied, raising=False)
+    status, _, err = run_tool(evaluate.main, ['--load', fresh_model_path])
+    assert status == 1
+    assert err == 'error: cannot read model file {} (Permission denied); ' \
+        'check its permissions\n'.format(fresh_model_path)
+
+
+def test_an_unreadable_snapshot(mnist_dir, tmp_path, monkeypatch, run_tool):
+    import train
+    snapshot = tmp_path / 'snapshot_epoch_1'
+    snapshot.write_bytes(b'x')
+
+    def denied(path, mode='r'):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(train, 'open', denied, raising=False)
+    status, _, err = run_tool(train.main, [
+        '--data-dir', mnist_dir, '--train-size', '10', '--test-size', '10',
+        '-o', tmp_path / 'out', '--resume', snapshot])
+    assert status == 1
+    assert err == 'error: cannot read snapshot {} (Permission denied); ' \
+        'check its permissions\n'.format(snapshot)
