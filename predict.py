@@ -333,9 +333,9 @@ def main(argv=None):
         if args.json:
             print(json.dumps({'file': path, 'error': reason}), flush=True)
 
-    batchsize = devices.inference_batch(
-        model, min(args.batchsize, len(inputs)), say=lambda line: print(
-            line, file=sys.stderr if args.json else sys.stdout, flush=True))
+    batchsize = devices.inference_batch(   # said on stderr: stdout is
+        model, min(args.batchsize, len(inputs)),   # one line per input
+        say=lambda line: print(line, file=sys.stderr, flush=True))
     with devices.inference_mode(model):
         for start in range(0, len(inputs), batchsize):
             chunk = inputs[start:start + batchsize]
