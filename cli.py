@@ -145,6 +145,9 @@ class DiskFullError(Exception):
 
 
 def megabytes(n_bytes):
+    """'12.3 MB', or '45.6 kB' below 0.1 MB (a plot, a JSON file)."""
+    if n_bytes < 1e5:
+        return '{:.1f} kB'.format(n_bytes / 1e3)
     return '{:.1f} MB'.format(n_bytes / 1e6)
 
 

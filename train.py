@@ -495,6 +495,10 @@ def main(argv=None):
     # Run (a divergence is one line; an interrupt keeps the last snapshot)
     try:
         trainer.run(show_loop_exception_msg=False)
+    except cli.DiskFullError as e:  # a snapshot, a plot or the best model
+        newest = ext.newest_snapshot(args.out)
+        cli.fail('{}{}'.format(e, '; then continue with --autoload from {}'
+                               .format(newest) if newest else ''))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
