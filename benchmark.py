@@ -14,6 +14,10 @@ every timed call ends with a device synchronisation, and the peak GPU
 memory is the CuPy memory pool's high-water mark for each path (the pool is
 emptied in between).
 """
+import cli  # standard library only: NumPy is imported after --threads
+if __name__ == '__main__':  # first: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import json
 import os
 import platform
@@ -21,8 +25,6 @@ import resource
 import statistics
 import sys
 import time
-
-import cli  # standard library only: NumPy is imported after --threads
 
 
 def parse_args(argv=None):

@@ -122,6 +122,9 @@ def device_spec(spec):
 
 def check_writable(folder, what='--out', status=1):
     """Create ``folder`` if needed and make sure files can be written there."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail('cannot write to {}: it is a file, not a folder; choose another '
+             '{}'.format(folder, what), status)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write-test', dir=folder)
@@ -142,6 +145,9 @@ class DiskFullError(Exception):
 
 
 def megabytes(n_bytes):
+    """'12.3 MB', or '45.6 kB' below 0.1 MB (a plot, a JSON file)."""
+    if n_bytes < 1e5:
+        return '{:.1f} kB'.format(n_bytes / 1e3)
     return '{:.1f} MB'.format(n_bytes / 1e6)
 
 
@@ -173,15 +179,51 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _exit_while_importing(signum, frame):
+    """The handler of ``exit_on_signals_while_importing``: one line, then
+    exit at once (nothing has been written yet)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stderr.write('error: interrupted\n')
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+def exit_on_signals_while_importing():
+    """Ctrl-C or SIGTERM before ``run_main`` runs (while Python imports
+    NumPy, Chainer, matplotlib, which takes a second or more) ends the
+    process with ``error: interrupted`` and status 130 / 143 instead of a
+    traceback. Every tool calls it at the top of its file, under ``if
+    __name__ == '__main__':``, before its other imports; ``run_main`` then
+    takes the signals over. A signal the shell made the process ignore
+    (``command &``) stays ignored."""
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _exit_while_importing)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_while_importing)
+    except ValueError:  # not the main thread
+        pass
+
+
 def run_main(main, argv=None, interrupted='interrupted'):
     """Run a tool's ``main(argv)`` and return its exit status.
 
     Ctrl-C prints ``error: INTERRUPTED`` and gives 130, SIGTERM the same and
     143 (the shells' 128 + signal); a full disk is one line naming the file
-    (status 1); never a traceback for these.
+    (status 1), and so is running out of memory; never a traceback for
+    these.
     """
     try:
+        if signal.getsignal(signal.SIGINT) is _exit_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        if previous is _exit_while_importing:
+            previous = signal.SIG_DFL
     except ValueError:  # not the main thread
         previous = None
     try:
@@ -192,6 +234,10 @@ def run_main(main, argv=None, interrupted='interrupted'):
         return _interrupted(interrupted, 128 + signal.SIGTERM)
     except DiskFullError as e:
         fail(e)
+    except MemoryError as e:
+        fail('out of memory ({}); use smaller batches (--batchsize/-b, '
+             '--eval-batchsize) or a smaller --input-size'.format(
+                 ' '.join(str(e).split()) or 'MemoryError'))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

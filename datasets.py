@@ -270,6 +270,12 @@ def _sources(name, data_dir, root):
     spec = _spec(name)
     if data_dir is None:
         return fetch(name, root=root), _CACHE_FIX
+    if not os.path.isdir(data_dir):
+        raise DatasetError(
+            '--data-dir {} {}; pass the folder holding the four {} files '
+            '({})'.format(data_dir, 'is a file, not a folder' if
+                          os.path.exists(data_dir) else 'does not exist',
+                          name, ', '.join(spec['files'])))
     for fname in spec['files']:
         if not os.path.isfile(os.path.join(data_dir, fname)):
             raise DatasetError(
@@ -358,7 +364,9 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
     valid = None
     if validation:
         valid = _to_dataset(x_train[n_train:], t_train[n_train:], input_size)
-    n_train = _take(train_size, n_train, 'train_size')
+    n_train = _take(train_size, n_train, 'train_size' if not validation else
+                    'train_size (with the last {} training examples held out '
+                    'for validation)'.format(validation))
     n_test = _take(test_size, len(x_test), 'test_size')
     return (_to_dataset(x_train[:n_train], t_train[:n_train], input_size),
             valid,

@@ -78,14 +78,25 @@ def inference_bytes_per_example(model):
     return 4 * 3 * (256 + 256 + 128 + 1) * side * side
 
 
-def inference_batch(model, batchsize, share=0.25):
+INFERENCE_SHARE = 0.25  # of the machine's memory, for one inference chunk
+
+
+def inference_batch(model, batchsize, share=INFERENCE_SHARE, say=None):
     """``batchsize`` or, if a batch that large would take more than
     ``share`` of the machine's memory, the largest batch that does not:
-    a huge -b / --eval-batchsize is split instead of exhausting memory."""
+    a huge -b / --eval-batchsize is split instead of exhausting memory.
+    When it splits, ``say(line)`` is called with one line that says so."""
     memory = physical_memory()
     if not memory:
         return batchsize
-    fits = max(1, int(memory * share) // inference_bytes_per_example(model))
+    per_example = inference_bytes_per_example(model)
+    fits = max(1, int(memory * share) // per_example)
+    if fits < batchsize and say is not None:
+        say('a batch of {} examples would take about {:.1f} GB, more than '
+            '{:.0f}% of the {:.1f} GB of memory; it is evaluated in chunks '
+            'of {} (the results are the same)'.format(
+                batchsize, batchsize * per_example / 1e9, 100 * share,
+                memory / 1e9, fits))
     return min(batchsize, fits)
 
 

@@ -24,11 +24,14 @@ import json
 import os
 import sys
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 
 from matplotlib.figure import Figure
 
-import cli
 import datasets
 import devices
 import figures
@@ -39,12 +42,14 @@ MAX_SHOWN = 100
 SHOWN_COLS = 10
 
 
-def run_model(model, x, device, batchsize):
+def run_model(model, x, device, batchsize, say=None):
     """Images (N, 1, S, S) numpy -> predictions (N,) int and scores (N, 10)
     numpy: the capsule lengths of a CapsNet, the softmax probabilities of
-    the baseline."""
+    the baseline. A batch too large for memory is split (said through
+    ``say``, see devices.inference_batch)."""
     predictions, scores = [], []
-    batchsize = devices.inference_batch(model, batchsize)
+    batchsize = devices.inference_batch(model, min(batchsize, len(x)),
+                                        say=say)
     with devices.inference_mode(model):
         for i in range(0, len(x), batchsize):
             p, s = model.predict(device.send(x[i:i + batchsize]))
@@ -234,7 +239,10 @@ def main(argv=None):
     x, t = datasets.to_arrays(test)
     model.to_device(device)
 
-    predictions, scores = run_model(model, x, device, args.batchsize)
+    report = sys.stderr if args.json else sys.stdout
+    predictions, scores = run_model(
+        model, x, device, args.batchsize,
+        say=lambda line: print(line, file=report, flush=True))
     result = {
         'model': args.load,
         'arch': model.arch,
@@ -268,7 +276,6 @@ def main(argv=None):
         fail('cannot write into {} ({}); choose another --out'.format(
             args.out, e.strerror or e))
 
-    report = sys.stderr if args.json else sys.stdout
     for line in report_lines(result):
         print(line, file=report)
     for path in paths.values():

@@ -40,6 +40,9 @@ import sys
 import time
 
 import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import datasets
 import model_io
 import paper_experiments
@@ -595,8 +598,9 @@ def paper_command(args):
             paper_experiments.run_multimnist(args)
         else:
             if args.affnist and not os.path.isfile(args.affnist):
-                cli.fail('affNIST file {} does not exist'.format(
-                    args.affnist))
+                cli.fail('affNIST file {} {}'.format(args.affnist, 'is a '
+                         'folder; pass the .mat file' if os.path.isdir(
+                             args.affnist) else 'does not exist'))
             paper_experiments.run_affnist(args)
     except (paper_datasets.DataError, datasets.DatasetError,
             paper_experiments.RunConflict) as e:

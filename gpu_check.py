@@ -26,14 +26,16 @@ as it exists (so an interrupted check keeps what it measured):
 CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
 script itself, not a measurement.
 """
+import cli
+if __name__ == '__main__':  # first: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-
-import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EPOCH_MARGIN = 1.8   # measured on an H200: shifts, copies, logging and the test pass
@@ -84,7 +86,7 @@ class Check:
         self.summary = {'device': args.device, 'dry_run': args.dry_run,
                         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                         'steps': {}}
-        os.makedirs(self.out, exist_ok=True)
+        cli.check_writable(self.out)
 
     def seconds_left(self):
         return self.deadline - time.monotonic()

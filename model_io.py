@@ -6,6 +6,7 @@ network), atomic writes, and loading a model for a tool.
     load_model_or_fail(path, ...)   # the same for a tool: one error line
 """
 import atexit
+import contextlib
 import errno
 import io
 import json
@@ -101,6 +102,20 @@ def write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
+@contextlib.contextmanager
+def open_npz(path):
+    """``numpy.load(path)`` of an .npz archive as a context manager whose
+    file is closed however the archive turns out (numpy.load leaves it
+    open when a truncated file is not a readable zip); ValueError if the
+    file is an .npy or pickle instead of an archive."""
+    with open(path, 'rb') as f:
+        npz = numpy.load(f, allow_pickle=False)
+        if not isinstance(npz, numpy.lib.npyio.NpzFile):
+            raise ValueError('not an .npz archive')
+        with npz:
+            yield npz
+
+
 class ModelFileError(Exception):
     """A model file that is missing, corrupt or of another network."""
 
@@ -122,14 +137,28 @@ def save_model(path, model):
     atomic_write(path, lambda f: numpy.savez_compressed(f, **target))
 
 
+def _npz_hint(folder):
+    """', e.g. FOLDER/NAME.npz' for the first .npz file in ``folder``."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith('.npz'))
+    except OSError:
+        names = []
+    return ', e.g. {}'.format(os.path.join(folder, names[0])) if names \
+        else ''
+
+
 def read_model_meta(path):
     """(arch, options) stored in a model file; ModelFileError if unusable."""
     if not os.path.exists(path):
         raise ModelFileError(
             'model file {} does not exist; pass the path given to '
             'train.py --save'.format(path))
+    if os.path.isdir(path):
+        raise ModelFileError(
+            '{} is a folder, not a model file; pass the file given to '
+            'train.py --save{}'.format(path, _npz_hint(path)))
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with open_npz(path) as npz:
             if _META_KEY not in npz.files:
                 raise ModelFileError(
                     '{} is not a model file of this project (no stored '
@@ -137,6 +166,9 @@ def read_model_meta(path):
             meta = json.loads(str(npz[_META_KEY]))
     except ModelFileError:
         raise
+    except PermissionError as e:
+        raise ModelFileError('cannot read model file {} ({}); check its '
+                             'permissions'.format(path, e.strerror or e))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError,
             KeyError) as e:
         raise ModelFileError(
@@ -172,7 +204,7 @@ def load_model(path, expected_options=None):
         raise ModelFileError('{} holds options this code cannot build ({})'
                              .format(path, e))
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with open_npz(path) as npz:
             chainer.serializers.NpzDeserializer(npz).load(model)
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError,
             io.UnsupportedOperation) as e:

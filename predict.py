@@ -32,10 +32,13 @@ import os
 import sys
 import warnings
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 from PIL import Image, UnidentifiedImageError
 
-import cli
 import devices
 import figures
 import model_io
@@ -308,6 +311,10 @@ def main(argv=None):
              '(--input-size >= {})'.format(
                  args.load, model.input_size, model.input_size, MNIST_SIDE,
                  MNIST_SIDE, MNIST_SIDE), USAGE)
+    if args.reconstruct and os.path.isdir(args.reconstruct):
+        fail('--reconstruct {} is a folder; give a file name, e.g. {}'.format(
+            args.reconstruct, os.path.join(args.reconstruct, 'recon.png')),
+            USAGE)
     if args.reconstruct:
         cli.check_writable(
             os.path.dirname(os.path.abspath(args.reconstruct)),
@@ -326,7 +333,9 @@ def main(argv=None):
         if args.json:
             print(json.dumps({'file': path, 'error': reason}), flush=True)
 
-    batchsize = devices.inference_batch(model, args.batchsize)
+    batchsize = devices.inference_batch(   # said on stderr: stdout is
+        model, min(args.batchsize, len(inputs)),   # one line per input
+        say=lambda line: print(line, file=sys.stderr, flush=True))
     with devices.inference_mode(model):
         for start in range(0, len(inputs), batchsize):
             chunk = inputs[start:start + batchsize]

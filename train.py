@@ -17,6 +17,10 @@ import sys
 import zipfile
 import zlib
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
@@ -24,7 +28,6 @@ import chainer
 from chainer import training
 from chainer.training import extensions
 
-import cli
 import datasets
 import devices
 import distributed
@@ -129,7 +132,9 @@ def build_model(args):
 def memory_estimate(args):
     """Rough bytes a training run needs (parameters with their gradients and
     Adam's two moments, plus one step's and one evaluation batch's
-    activations), from the shapes alone: nothing is allocated."""
+    activations), from the shapes alone: nothing is allocated. The
+    evaluation batch counts at most devices.INFERENCE_SHARE of the memory:
+    a larger one is evaluated in chunks (devices.inference_batch)."""
     side = args.input_size
     if args.arch == 'capsnet':
         grid = nets.primary_grid(side)
@@ -143,8 +148,11 @@ def memory_estimate(args):
     else:
         params = 128 * side * side * 328 + 256 * 256 * 25 + 256 * 128 * 25
         per_example = 4 * 3 * (256 + 256 + 128 + 1) * side * side
-    return (16 * params + per_example * args.batchsize +
-            per_example // 2 * args.eval_batchsize)
+    evaluation = per_example // 2 * args.eval_batchsize
+    memory = devices.physical_memory()
+    if memory:
+        evaluation = min(evaluation, int(memory * devices.INFERENCE_SHARE))
+    return 16 * params + per_example * args.batchsize + evaluation
 
 
 def check_memory(args):
@@ -152,11 +160,10 @@ def check_memory(args):
     need, have = memory_estimate(args), devices.physical_memory()
     if have and need > have:
         cli.fail('this configuration needs about {:.1f} GB of memory (--arch '
-                 '{}, --input-size {}, --batchsize {}, --eval-batchsize {}) '
-                 'and the machine has {:.1f} GB; lower --input-size or the '
-                 'batch sizes'.format(need / 1e9, args.arch, args.input_size,
-                                      args.batchsize, args.eval_batchsize,
-                                      have / 1e9))
+                 '{}, --input-size {}, --batchsize {}) and the machine has '
+                 '{:.1f} GB; lower --input-size or --batchsize'.format(
+                     need / 1e9, args.arch, args.input_size, args.batchsize,
+                     have / 1e9))
 
 
 def snapshot_bytes(model):
@@ -195,7 +202,7 @@ def readable_snapshot(path):
     """None if every array of the snapshot at ``path`` reads (CRCs and
     all), else why not."""
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with model_io.open_npz(path) as npz:
             for name in npz.files:
                 npz[name]
     except DAMAGED as e:
@@ -214,6 +221,9 @@ def autoload_path(out):
             return found[epoch]
         print('skipping the damaged snapshot {} ({})'.format(
             found[epoch], problem), flush=True)
+    if found:
+        print('no intact snapshot in {}; starting from epoch 0'.format(out),
+              flush=True)
     return None
 
 
@@ -222,7 +232,7 @@ def check_recorded(trainer, path):
     before loading it, so a conflict is named (and not found later as a
     shape error of some array)."""
     try:
-        with numpy.load(path, allow_pickle=False) as npz:
+        with model_io.open_npz(path) as npz:
             for name in ('options', 'settings'):
                 trainer.get_extension(name).serialize(
                     chainer.serializers.NpzDeserializer(
@@ -254,9 +264,19 @@ def resume(trainer, args, comm=None):
                '--routing {})'.format(path) if path.isdigit() else ''
         cli.fail('snapshot {} does not exist; check --resume{}'
                  .format(path, hint))
+    if os.path.isdir(path):
+        newest = ext.newest_snapshot(path)
+        cli.fail('--resume {} is a folder; pass a snapshot file{}'.format(
+            path, ' (the newest there is {}), or continue with --out {} '
+            '--autoload'.format(newest, path) if newest else
+            ' (snapshot_epoch_N in the --out of a run)'))
     check_recorded(trainer, path)
     try:
-        chainer.serializers.load_npz(path, trainer)
+        with open(path, 'rb') as f:  # closed even if the file is damaged
+            chainer.serializers.load_npz(f, trainer)
+    except PermissionError as e:
+        cli.fail('cannot read snapshot {} ({}); check its permissions'
+                 .format(path, e.strerror or e))
     except Exception as e:
         cli.fail('cannot resume from {} ({}: {}); it is not a snapshot of '
                  'this configuration'.format(
@@ -280,6 +300,15 @@ def run_settings(args):
                 validation=args.validation, max_shift=args.max_shift)
 
 
+def counted_error(accuracy, n):
+    """(errors, error) over ``n`` examples from their mean accuracy: the
+    count of errors, rounded to a whole example, and errors / n, so that
+    final.json holds 0.0059 and not 1 - 0.9941 = 0.005900000000000016
+    (the accuracy is a float32 mean)."""
+    errors = int(round((1 - accuracy) * n))
+    return errors, errors / n
+
+
 def write_summary(args, model, n_params, sizes, validation, final,
                   resumed_from=None, comm=None):
     """Print the final and the lowest test error; write final.json."""
@@ -301,14 +330,18 @@ def write_summary(args, model, n_params, sizes, validation, final,
     if final.history:
         last_epoch, last_acc = final.history[-1]
         best_epoch, best_acc = max(final.history, key=lambda h: h[1])
+        last_errors, last_error = counted_error(last_acc, test_size)
+        best_errors, best_error = counted_error(best_acc, test_size)
         summary.update(
-            final_epoch=last_epoch, final_test_error=1 - last_acc,
-            best_on_test_epoch=best_epoch, best_on_test_error=1 - best_acc)
-        print('final-epoch test error: {:.2f}% (epoch {}, {} test examples)'
-              .format(100 * (1 - last_acc), last_epoch, test_size))
-        print('lowest test error over epochs: {:.2f}% (epoch {}; chosen on '
-              'the test set, so optimistic)'.format(100 * (1 - best_acc),
-                                                    best_epoch))
+            final_epoch=last_epoch, final_test_error=last_error,
+            final_test_errors=last_errors, best_on_test_epoch=best_epoch,
+            best_on_test_error=best_error, best_on_test_errors=best_errors)
+        print('final-epoch test error: {:.2f}% ({} of {} test examples, '
+              'epoch {})'.format(100 * last_error, last_errors, test_size,
+                                 last_epoch))
+        print('lowest test error over epochs: {:.2f}% ({} errors, epoch {}; '
+              'chosen on the test set, so optimistic)'.format(
+                  100 * best_error, best_errors, best_epoch))
     model_io.write_text(os.path.join(args.out, 'final.json'),
                         json.dumps(summary, indent=2) + '\n')
 
@@ -378,6 +411,10 @@ def main(argv=None):
               'batch {}) and about {} training examples'.format(
                   comm.size, args.communicator, args.batchsize,
                   comm.size * args.batchsize, len(train)))
+    # evaluation in chunks that fit in memory (said once if it splits)
+    eval_chunk = devices.inference_batch(model, min(
+        args.eval_batchsize, max(len(test), len(validation or ()))),
+        say=print)
     model.to_device(device)
     # room for two snapshots and the model, checked before the long run
     cli.check_free_space(out, 2 * snapshot_bytes(model), 'the snapshots')
@@ -411,15 +448,17 @@ def main(argv=None):
     # Extensions: evaluation on the test set (under MPI over every rank's
     # shard) and the validation set
     if comm is None:
-        trainer.extend(ext.ExactEvaluator(test_iter, model, device=device),
-                       name='test')
+        trainer.extend(ext.ExactEvaluator(test_iter, model, device=device,
+                                          chunk=eval_chunk), name='test')
     else:
         trainer.extend(distributed.MultiNodeExactEvaluator(
-            comm, test_iter, model, device=device), name='test')
+            comm, test_iter, model, device=device, chunk=eval_chunk),
+            name='test')
     if validation is not None:
         val_iter = chainer.iterators.SerialIterator(
             validation, args.eval_batchsize, repeat=False, shuffle=False)
-        trainer.extend(ext.ExactEvaluator(val_iter, model, device=device),
+        trainer.extend(ext.ExactEvaluator(val_iter, model, device=device,
+                                          chunk=eval_chunk),
                        name='val')   # every rank: the whole validation set
         if root:
             trainer.extend(ext.SaveBest(
@@ -456,6 +495,10 @@ def main(argv=None):
     # Run (a divergence is one line; an interrupt keeps the last snapshot)
     try:
         trainer.run(show_loop_exception_msg=False)
+    except cli.DiskFullError as e:  # a snapshot, a plot or the best model
+        newest = ext.newest_snapshot(args.out)
+        cli.fail('{}{}'.format(e, '; then continue with --autoload from {}'
+                               .format(newest) if newest else ''))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -490,9 +533,9 @@ def add_reports(trainer, args, model, validation):
     """The log, plots, the printed report and the progress bar."""
     trainer.extend(extensions.LogReport())
     if extensions.PlotReport.available():
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(ext.AtomicPlotReport(
             ['main/loss', 'test/main/loss'], 'epoch', file_name='loss.png'))
-        trainer.extend(extensions.PlotReport(
+        trainer.extend(ext.AtomicPlotReport(
             ['main/accuracy', 'test/main/accuracy'], 'epoch',
             file_name='accuracy.png'))
     trainer.extend(extensions.PrintReport(report_keys(model, validation)))

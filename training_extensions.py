@@ -1,10 +1,12 @@
 """The pieces train.py puts into its Trainer (as Chainer's examples keep
 them beside train_mnist.py): the augmenting updater, the exact evaluator,
-and the extensions that record options, the accuracy history and the best
-model; plus ``newest_snapshot`` for --autoload and experiments.py.
+the atomic plots, and the extensions that record options, the accuracy
+history and the best model; plus ``newest_snapshot`` for --autoload and
+experiments.py.
 """
 import collections
 import copy
+import functools
 import glob
 import json
 import os
@@ -123,7 +125,15 @@ class ExactEvaluator(extensions.Evaluator):
     the exact fraction of correct examples even when the last batch is
     short (Chainer's Evaluator weights every batch alike). The pass runs in
     the model's ``inference()`` context: its weights are fixed, so the fast
-    CPU kernels can reuse their weight transforms."""
+    CPU kernels can reuse their weight transforms.
+
+    ``chunk``: run the model on at most this many examples at a time (a
+    batch larger than memory allows is split; devices.inference_batch);
+    each chunk is weighted by its size, so the means are the same."""
+
+    def __init__(self, *args, chunk=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk = chunk
 
     def evaluate(self):
         iterator = self._iterators['main']
@@ -137,15 +147,43 @@ class ExactEvaluator(extensions.Evaluator):
         with model.inference(), chainer.using_config('train', False), \
                 chainer.no_backprop_mode():
             for batch in it:
-                x, t = chainer.dataset.convert._call_converter(
-                    self.converter, batch, self.device)
-                observation = {}
-                with chainer.reporter.report_scope(observation):
-                    (self.eval_func or model)(x, t)
-                for key, value in observation.items():
-                    summaries[key].add(value, weight=len(batch))
+                size = self.chunk or len(batch)
+                for start in range(0, len(batch), size):
+                    part = batch[start:start + size]
+                    x, t = chainer.dataset.convert._call_converter(
+                        self.converter, part, self.device)
+                    observation = {}
+                    with chainer.reporter.report_scope(observation):
+                        (self.eval_func or model)(x, t)
+                    for key, value in observation.items():
+                        summaries[key].add(value, weight=len(part))
         return {key: summary.compute_mean()
                 for key, summary in summaries.items()}
+
+
+class AtomicPlotReport(extensions.PlotReport):
+    """Chainer's PlotReport whose PNG (loss.png, accuracy.png) is written
+    through model_io.atomic_write: made in memory, the free space checked,
+    then a temporary file beside it and a rename. A full disk or an
+    interrupt leaves the previous plot intact and no half-written file
+    (PlotReport itself saves in place)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        postprocess = self._postprocess
+
+        def atomic(figure, axes, summary):
+            # the last call before PlotReport's figure.savefig(path, ...)
+            if postprocess is not None:
+                postprocess(figure, axes, summary)
+            figure.savefig = functools.partial(_atomic_savefig, figure)
+        self._postprocess = atomic
+
+
+def _atomic_savefig(figure, path, **options):
+    options.setdefault('format', 'png')
+    model_io.atomic_write(path, lambda f: type(figure).savefig(
+        figure, f, **options))
 
 
 class FinalReport(training.Extension):

@@ -29,9 +29,12 @@ devices.py.
 import os
 import sys
 
+import cli
+if __name__ == '__main__':  # before the slow imports: see cli.py
+    cli.exit_on_signals_while_importing()
+
 import numpy
 
-import cli
 import datasets
 import devices
 import model_io

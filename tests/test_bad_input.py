@@ -183,9 +183,9 @@ def test_experiments_missing_dataset_file(tmp_path):
                  '1', '--rows', 'r1', '--out', out,
                  '--data-dir', tmp_path / 'nowhere')
     assert_one_error(result, 'did not finish', 'train.log', status=1)
-    assert 'not found in' in result.stdout
-    log = (out / 'r1-trial0' / 'train.log').read_text()
-    assert 'error: t' in log and 'not found in' in log
+    line = 'error: --data-dir {} does not exist'.format(tmp_path / 'nowhere')
+    assert line in result.stdout
+    assert line in (out / 'r1-trial0' / 'train.log').read_text()
 
 
 # -- model files -----------------------------------------------------------------
@@ -429,3 +429,156 @@ def test_experiments_unwritable_out(blocker):
                          '--trials', '1', '--rows', 'r1',
                          '--out', blocker / 'sweep'), str(blocker))
     assert blocker.read_text() == 'keep me'
+
+
+# -- a new user's paths: folders for files, files for folders (issue 14) --------
+
+@pytest.mark.parametrize('tool', ['evaluate.py', 'visualize.py', 'predict.py',
+                                  'figure5'])
+def test_load_of_a_folder_names_the_model_inside(tmp_path, fresh_model_path,
+                                                 tool):
+    """It said 'not a readable model file (IsADirectoryError: …); it may be
+    truncated or corrupt, so train again'."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    shutil.copy(fresh_model_path, str(folder / 'model.npz'))
+    argv = ['--load', folder, '--out', tmp_path / 'o']
+    if tool == 'predict.py':
+        argv = ['--load', folder, tmp_path / 'x.png']
+    elif tool == 'figure5':
+        tool, argv = 'experiments.py', ['figure5'] + argv
+    assert_one_error(run(tool, *argv), '{} is a folder, not a model file; '
+                     'pass the file given to train.py --save, e.g. {}'.format(
+                         folder, folder / 'model.npz'))
+    if tool != 'experiments.py':  # figure5 makes --out first
+        assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('argv', [
+    ['train.py', '--no-progress'], ['evaluate.py', '--load', 'M'],
+    ['visualize.py', '--load', 'M'],
+    ['experiments.py', 'table1', '--epoch', '1', '--rows', 'r1'],
+    ['gpu_check.py', '--dry-run', '--data-dir', '.']],
+    ids=['train', 'evaluate', 'visualize', 'experiments', 'gpu_check'])
+def test_out_that_is_a_file(blocker, fresh_model_path, argv):
+    """It said '(File exists)'; gpu_check.py printed a traceback."""
+    argv = [fresh_model_path if a == 'M' else a for a in argv]
+    assert_one_error(run(*argv, '--out', blocker), 'cannot write to {}: it '
+                     'is a file, not a folder; choose another --out'.format(
+                         blocker), status=1)
+    assert blocker.read_text() == 'keep me'
+
+
+def test_predict_reconstruct_to_a_folder(tmp_path, fresh_model_path):
+    """Found out only after classifying every input."""
+    assert_one_error(run('predict.py', '--load', fresh_model_path,
+                         '--reconstruct', tmp_path, tmp_path / 'x.png'),
+                     '--reconstruct {} is a folder; give a file name, e.g. '
+                     '{}'.format(tmp_path, tmp_path / 'recon.png'), status=2)
+
+
+@pytest.mark.parametrize('what', ['file', 'missing'])
+def test_data_dir_that_is_not_a_folder(blocker, tmp_path, what):
+    """It said 'train-images-idx3-ubyte.gz not found in F'."""
+    data_dir = blocker if what == 'file' else tmp_path / 'nowhere'
+    assert_one_error(run('train.py', '--data-dir', data_dir, '-o',
+                         tmp_path / 'out'), '--data-dir {} {}; pass the '
+                     'folder holding the four mnist files'.format(
+                         data_dir, 'is a file, not a folder'
+                         if what == 'file' else 'does not exist'), status=1)
+
+
+def test_train_size_beyond_what_validation_leaves(mnist_dir, tmp_path):
+    """It said 'train_size must be between 1 and 1', without naming the
+    hold-out that left one example."""
+    assert_one_error(run('train.py', '--data-dir', mnist_dir, '-o',
+                         tmp_path / 'out', '--validation', '59999',
+                         '--train-size', '100'),
+                     'train_size (with the last 59999 training examples held '
+                     'out for validation) must be between 1 and 1', status=1)
+
+
+@pytest.mark.parametrize('holds', ['nothing', 'snapshots'])
+def test_train_resume_of_a_folder(mnist_dir, tmp_path, holds):
+    """It said '(IsADirectoryError: …); it is not a snapshot of this
+    configuration'."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    hint = '(snapshot_epoch_N in the --out of a run)'
+    if holds == 'snapshots':
+        (folder / 'snapshot_epoch_2').write_bytes(b'x')
+        hint = '(the newest there is {}), or continue with --out {} ' \
+               '--autoload'.format(folder / 'snapshot_epoch_2', folder)
+    assert_one_error(run('train.py', '--data-dir', mnist_dir, '--train-size',
+                         '10', '--test-size', '10', '-o', tmp_path / 'out',
+                         '--resume', folder),
+                     '--resume {} is a folder; pass a snapshot file {}'.format(
+                         folder, hint), status=1)
+
+
+def test_autoload_without_an_intact_snapshot_says_it_starts_afresh(
+        tmp_path, capsys):
+    import train
+    (tmp_path / 'snapshot_epoch_1').write_bytes(b'junk')
+    (tmp_path / 'snapshot_epoch_2').mkdir()
+    assert train.autoload_path(str(tmp_path)) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(' (')[0] for line in lines] == [
+        'skipping the damaged snapshot {}'.format(tmp_path / 'snapshot_epoch_2'),
+        'skipping the damaged snapshot {}'.format(tmp_path / 'snapshot_epoch_1'),
+        'no intact snapshot in {}; starting from epoch 0'.format(tmp_path)]
+
+
+def test_affnist_file_that_is_a_folder(tmp_path):
+    """It said 'affNIST file D does not exist'."""
+    assert_one_error(run('experiments.py', 'affnist', '--epoch', '1', '--out',
+                         tmp_path / 'o', '--affnist', tmp_path),
+                     'affNIST file {} is a folder; pass the .mat file'.format(
+                         tmp_path), status=1)
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """benchmark.py -b 1000000000 printed NumPy's MemoryError traceback;
+    any tool under cli.run_main now says it in one line."""
+    import cli
+
+    def main(argv):
+        raise MemoryError('Unable to allocate 5.70 TiB for an array')
+    with pytest.raises(SystemExit) as info:
+        cli.run_main(main)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == ('error: out of memory (Unable to allocate 5.70 TiB for an '
+                   'array); use smaller batches (--batchsize/-b, '
+                   '--eval-batchsize) or a smaller --input-size\n')
+
+
+def test_an_unreadable_model_file(fresh_model_path, monkeypatch, run_tool):
+    """Permission denied (simulated: the tests may run as root): not 'it may
+    be truncated or corrupt, so train again'."""
+    import evaluate
+    import model_io
+
+    def denied(path, mode='r'):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(model_io, 'open', denied, raising=False)
+    status, _, err = run_tool(evaluate.main, ['--load', fresh_model_path])
+    assert status == 1
+    assert err == 'error: cannot read model file {} (Permission denied); ' \
+        'check its permissions\n'.format(fresh_model_path)
+
+
+def test_an_unreadable_snapshot(mnist_dir, tmp_path, monkeypatch, run_tool):
+    import train
+    snapshot = tmp_path / 'snapshot_epoch_1'
+    snapshot.write_bytes(b'x')
+
+    def denied(path, mode='r'):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(train, 'open', denied, raising=False)
+    status, _, err = run_tool(train.main, [
+        '--data-dir', mnist_dir, '--train-size', '10', '--test-size', '10',
+        '-o', tmp_path / 'out', '--resume', snapshot])
+    assert status == 1
+    assert err == 'error: cannot read snapshot {} (Permission denied); ' \
+        'check its permissions\n'.format(snapshot)

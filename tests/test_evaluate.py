@@ -147,7 +147,8 @@ def test_missing_data_is_one_line(tmp_path, fresh_model_path, run_tool):
         '--load', fresh_model_path, '--data-dir', tmp_path / 'nowhere',
         '--out', tmp_path / 'e'])
     assert status != 0
-    assert 'not found' in one_error_line(err)
+    assert '--data-dir {} does not exist'.format(tmp_path / 'nowhere') in \
+        one_error_line(err)
 
 
 def test_too_large_test_size_is_one_line(tmp_path, mnist_dir,

@@ -180,7 +180,8 @@ def test_missing_dataset_is_one_line(tmp_path, fresh_model_path, run_tool):
         '--load', fresh_model_path, '--out', tmp_path / 'vis',
         '--data-dir', tmp_path / 'nowhere'])
     assert status != 0
-    assert 'not found' in one_error_line(err)
+    assert '--data-dir {} does not exist'.format(tmp_path / 'nowhere') in \
+        one_error_line(err)
 
 
 def test_unwritable_output_is_one_line(tmp_path, fresh_model_path,
