@@ -336,7 +336,7 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
     """
     spec = _spec(name)
     if input_size < IMAGE_SIZE:
-        raise DatasetError('input_size must be >= {}, got {}; pass a larger '
+        raise DatasetError('--input-size must be >= {}, got {}; pass a larger '
                            '--input-size'.format(IMAGE_SIZE, input_size))
     paths, fix = _sources(name, data_dir, root)
     arrays = {fname: load_idx(path, spec['files'][fname], fix)
@@ -357,17 +357,18 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
 
     validation = validation or 0
     if not 0 <= validation < len(x_train):
-        raise DatasetError('validation must be between 0 and {} (training '
+        raise DatasetError('--validation must be between 0 and {} (training '
                            'examples - 1), got {}'.format(
                                len(x_train) - 1, validation))
     n_train = len(x_train) - validation
     valid = None
     if validation:
         valid = _to_dataset(x_train[n_train:], t_train[n_train:], input_size)
-    n_train = _take(train_size, n_train, 'train_size' if not validation else
-                    'train_size (with the last {} training examples held out '
-                    'for validation)'.format(validation))
-    n_test = _take(test_size, len(x_test), 'test_size')
+    # named as the tools' flags, since the tools pass them through
+    n_train = _take(train_size, n_train, '--train-size' if not validation
+                    else '--train-size (with the last {} training examples '
+                    'held out by --validation)'.format(validation))
+    n_test = _take(test_size, len(x_test), '--test-size')
     return (_to_dataset(x_train[:n_train], t_train[:n_train], input_size),
             valid,
             _to_dataset(x_test[:n_test], t_test[:n_test], input_size))

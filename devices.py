@@ -81,22 +81,34 @@ def inference_bytes_per_example(model):
 INFERENCE_SHARE = 0.25  # of the machine's memory, for one inference chunk
 
 
+def device_memory(model):
+    """(bytes, what) of the memory ``model``'s arrays live in: the GPU's
+    for a model on CuPy, else the machine's RAM; bytes None if unknown."""
+    if model.xp is not numpy:
+        try:
+            return model.device.device.mem_info[1], 'GPU memory'
+        except Exception:  # any CuPy error: fall back to no limit
+            return None, 'GPU memory'
+    return physical_memory(), 'memory'
+
+
 def inference_batch(model, batchsize, share=INFERENCE_SHARE, say=None):
     """``batchsize`` or, if a batch that large would take more than
-    ``share`` of the machine's memory, the largest batch that does not:
-    a huge -b / --eval-batchsize is split instead of exhausting memory.
-    When it splits, ``say(line)`` is called with one line that says so."""
-    memory = physical_memory()
+    ``share`` of the memory the model lives in (RAM, or the GPU's), the
+    largest batch that does not: a huge -b / --eval-batchsize is split
+    instead of exhausting memory. When it splits, ``say(line)`` is called
+    with one line that says so."""
+    memory, what = device_memory(model)
     if not memory:
         return batchsize
     per_example = inference_bytes_per_example(model)
     fits = max(1, int(memory * share) // per_example)
     if fits < batchsize and say is not None:
         say('a batch of {} examples would take about {:.1f} GB, more than '
-            '{:.0f}% of the {:.1f} GB of memory; it is evaluated in chunks '
+            '{:.0f}% of the {:.1f} GB of {}; it is evaluated in chunks '
             'of {} (the results are the same)'.format(
                 batchsize, batchsize * per_example / 1e9, 100 * share,
-                memory / 1e9, fits))
+                memory / 1e9, what, fits))
     return min(batchsize, fits)
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 
 import numpy
 
@@ -173,10 +174,14 @@ def cached_multimnist(path, images, labels, settings, write=None):
     settings = json.loads(json.dumps(settings, sort_keys=True))
     if os.path.exists(path):
         try:
-            with numpy.load(path, allow_pickle=False) as npz:
+            # the file is opened here so that it is closed even when
+            # numpy.load fails on a damaged archive
+            with open(path, 'rb') as f, \
+                    numpy.load(f, allow_pickle=False) as npz:
                 meta = json.loads(str(npz['_meta']))
                 arrays = {k: npz[k] for k in npz.files if k != '_meta'}
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError,
+                zipfile.BadZipFile) as e:
             raise DataError('{} is not a readable MultiMNIST cache ({}); '
                             'delete it to make it again'.format(
                                 path, ' '.join(str(e).split())))

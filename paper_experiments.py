@@ -208,9 +208,12 @@ def predict_all(model, x, batchsize=100):
 
 
 def pair_error(model, x, t1, t2, batchsize=100):
-    """Fraction of examples whose top two are not exactly {t1, t2}."""
+    """Fraction of examples whose top two are not exactly {t1, t2},
+    counted (errors / n: 0.0059, not 1 - accuracy's 0.005900000000000016).
+    """
     _, scores = predict_all(model, x, batchsize)
-    return 1 - float(nets.pair_correct(scores, t1, t2).mean())
+    wrong = int((~nets.pair_correct(scores, t1, t2)).sum())
+    return wrong / len(x)
 
 
 def accuracy(model, x, t, batchsize=100):

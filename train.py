@@ -370,6 +370,9 @@ def main(argv=None):
                      '--input-size ({}), got {!r}'.format(
                          args.input_size, str(args.max_shift)))
     check_memory(args)
+    if args.save is not None and not args.save.strip():
+        parser.error('argument --save: needs a file name, got an empty one '
+                     '(leave the flag out to keep no model file)')
     if args.save and os.path.isdir(args.save):
         cli.fail('--save {} is a folder; give a file name, e.g. {}'
                  .format(args.save, os.path.join(args.save, 'model')))

@@ -409,6 +409,13 @@ def test_train_unknown_device_specifier(tmp_path):
 
 # -- unwritable output -------------------------------------------------------------
 
+def test_train_empty_save_is_refused_up_front(tmp_path):
+    """--save '' trained for the whole run and then kept no model."""
+    assert_one_error(run('train.py', '--save', '', '-o', tmp_path / 'out'),
+                     "argument --save: needs a file name, got an empty one")
+    assert not (tmp_path / 'out').exists()
+
+
 def test_train_unwritable_save(tmp_path, blocker):
     assert_one_error(run('train.py', '--no-progress', '-o', tmp_path / 'out',
                          '--save', blocker / 'model.npz'),
@@ -490,12 +497,13 @@ def test_data_dir_that_is_not_a_folder(blocker, tmp_path, what):
 
 def test_train_size_beyond_what_validation_leaves(mnist_dir, tmp_path):
     """It said 'train_size must be between 1 and 1', without naming the
-    hold-out that left one example."""
+    hold-out that left one example nor the flag."""
     assert_one_error(run('train.py', '--data-dir', mnist_dir, '-o',
                          tmp_path / 'out', '--validation', '59999',
                          '--train-size', '100'),
-                     'train_size (with the last 59999 training examples held '
-                     'out for validation) must be between 1 and 1', status=1)
+                     '--train-size (with the last 59999 training examples '
+                     'held out by --validation) must be between 1 and 1',
+                     status=1)
 
 
 @pytest.mark.parametrize('holds', ['nothing', 'snapshots'])

@@ -444,17 +444,17 @@ def test_validation_holds_out_the_last_examples_and_sizes_take_the_first(
     with pytest.raises(datasets.DatasetError) as info:
         datasets.get_mnist_like(data_dir=MNIST_DIR, validation=5000,
                                 train_size=55001)
-    assert 'train_size' in one_line(info.value)
+    assert '--train-size' in one_line(info.value)
 
 
 @needs_mnist
 @pytest.mark.parametrize('kwargs, word', [
-    (dict(test_size=10001), 'test_size'),
-    (dict(train_size=0), 'train_size'),
-    (dict(test_size=-1), 'test_size'),
-    (dict(validation=60000), 'validation'),
-    (dict(validation=-5), 'validation'),
-    (dict(input_size=27), 'input_size'),
+    (dict(test_size=10001), '--test-size'),
+    (dict(train_size=0), '--train-size'),
+    (dict(test_size=-1), '--test-size'),
+    (dict(validation=60000), '--validation'),
+    (dict(validation=-5), '--validation'),
+    (dict(input_size=27), '--input-size'),
 ])
 def test_impossible_sizes_raise(kwargs, word):
     with pytest.raises(datasets.DatasetError) as info:

@@ -550,6 +550,29 @@ def test_inference_batches_are_split_to_fit(fresh_model_path, monkeypatch):
                     'same)'.format(chunk)]
 
 
+def test_inference_batches_on_a_gpu_fit_the_gpu_memory(fresh_model_path):
+    """On CuPy the chunk is judged from the GPU's memory, not the RAM's (a
+    stand-in model reports a 2 GB GPU; no GPU is needed)."""
+    import devices
+    model = model_io.load_model(fresh_model_path)
+
+    class OnGpu:
+        xp = object()   # anything but numpy
+        device = type('D', (), {'device': type('C', (), {
+            'mem_info': (10 ** 9, 2 * 10 ** 9)})()})()
+        arch, input_size, n_primary = model.arch, model.input_size, \
+            model.n_primary
+    said = []
+    gpu_chunk = devices.inference_batch(OnGpu(), 10 ** 9, say=said.append)
+    per_example = devices.inference_bytes_per_example(model)
+    assert gpu_chunk == 2 * 10 ** 9 // 4 // per_example
+    assert 'of the 2.0 GB of GPU memory' in said[0]
+
+    class Broken(OnGpu):
+        device = None   # a CuPy error: no limit rather than a traceback
+    assert devices.inference_batch(Broken(), 123) == 123
+
+
 def test_a_huge_eval_batchsize_is_not_refused():
     """Evaluation runs in chunks, so --eval-batchsize alone never makes
     train.py refuse a run (it did: 'needs about N GB of memory')."""

@@ -101,6 +101,29 @@ def test_a_tampered_cache_fails_its_checksum(tmp_path):
         pd.cached_multimnist(path, images, labels, settings)
 
 
+@pytest.mark.parametrize('cut', [100, 0.5], ids=['header', 'half'])
+def test_a_truncated_cache_is_one_line_and_closed(tmp_path, cut):
+    """A cache cut short (a full disk before atomic writes, a copy that
+    stopped) is refused in one line, and its file is not left open."""
+    import gc
+    import warnings
+    images, labels = blocks()
+    path = tmp_path / 'mm.npz'
+    settings = dict(pairs_per_digit=1, seed=0, split='train')
+    pd.cached_multimnist(str(path), images, labels, settings)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut if cut > 1 else int(len(data) * cut)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        with pytest.raises(pd.DataError) as e:
+            pd.cached_multimnist(str(path), images, labels, settings)
+        gc.collect()
+    assert 'is not a readable MultiMNIST cache' in str(e.value)
+    assert '\n' not in str(e.value)
+    assert [str(w.message) for w in caught
+            if issubclass(w.category, ResourceWarning)] == []
+
+
 def test_expanded_mnist_places_the_whole_digit_anywhere_on_40x40():
     images, labels = blocks(200)
     out = pd.expanded_mnist(images, seed=0)

@@ -200,6 +200,23 @@ def test_a_damaged_snapshot_is_said_and_training_starts_again(tmp_path):
     assert history[0]['train_loss'] == whole_history[0]['train_loss']
 
 
+def test_pair_error_is_counted():
+    """errors / n, so 59 wrong of 10,000 is 0.0059 exactly (1 - accuracy
+    gave 0.005900000000000016)."""
+    class Scores:
+        device = type('D', (), {'send': staticmethod(lambda a: a)})()
+
+        def predict(self, x):
+            scores = numpy.zeros((len(x), 10), numpy.float32)
+            scores[:, 0] = scores[:, 1] = 1     # predicts {0, 1}
+            return scores.argmax(axis=1), scores
+    n = 10000
+    t1, t2 = numpy.zeros(n, int), numpy.ones(n, int)
+    t2[:59] = 2                                # 59 pairs are {0, 2}
+    x = numpy.zeros((n, 1), numpy.float32)
+    assert paper_experiments.pair_error(Scores(), x, t1, t2) == 0.0059
+
+
 def test_matched_epochs_takes_each_network_where_both_reach_the_target():
     def final(trial, expanded, affine):
         return dict(config=dict(trial=trial), history=[
