@@ -21,8 +21,12 @@
   GPU cannot be used, since the run asked for them. CAPSNET_TEST_DEVICE
   (default @cupy:0) names the device; @numpy runs the same tests on the CPU
   as a dry run of their code (CPU against CPU, GPU-only checks skipped).
+- A pytest started in the background (``pytest &``, nohup) inherits SIGINT
+  ignored, and so would every tool the tests start, which would then
+  train on through the Ctrl-C tests: the default handler is put back here.
 """
 import os
+import signal
 
 import numpy
 import pytest
@@ -30,6 +34,9 @@ import pytest
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import model_io
 import nets
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 GPU_SWITCH = 'CAPSNET_TEST_GPU'
 SHARED_DATA = os.environ.get('CAPSNET_SHARED_DATA') or os.path.join(
