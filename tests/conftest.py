@@ -11,6 +11,8 @@
   ``assert_one_error(result, *fragments, status=None)`` checks a finished
   process (non-zero exit, that one line, the fragments in it) (plain
   functions: ``from conftest import one_error_line``).
+- ``both_paths(model, x, t)``: loss and gradients on the plain and on the
+  fast path, for the tests that compare them.
 - ``tile_shape``: the (height, width) a mosaic of figures.tile must have.
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
@@ -133,6 +135,21 @@ def small_baseline_path(tmp_path_factory):
     instead of 140 MB for 28 x 28); what is checked is its architecture."""
     return _save_fresh(tmp_path_factory.mktemp('models') / 'baseline.npz',
                        nets.BaselineCNN, input_size=1)
+
+
+def both_paths(model, x, t):
+    """{fast: (loss, {parameter name: gradient})} of one forward and
+    backward pass of ``model`` on (x, t) with model.fast False, then True:
+    what the fast-against-plain tests compare."""
+    results = {}
+    for fast in (False, True):
+        model.fast = fast
+        model.cleargrads()
+        loss = model(x, t)
+        loss.backward()
+        results[fast] = (float(loss.array), {
+            name: p.grad.copy() for name, p in model.namedparams()})
+    return results
 
 
 def tile_shape(rows, cols, side, border=2):

@@ -12,6 +12,7 @@ import baseline
 import model_io
 import nets
 import train
+from conftest import both_paths
 
 PAPER_COUNT = 35445522  # the docstring's sum, checked term by term below
 
@@ -182,14 +183,7 @@ def test_fast_baseline_equals_plain_in_float64():
         param.array = param.array.astype(numpy.float64)
     x = numpy.random.rand(3, 1, 28, 28)
     t = numpy.array([1, 4, 9], dtype=numpy.int32)
-    results = {}
-    for fast in (False, True):
-        model.fast = fast
-        model.cleargrads()
-        loss = model(x, t)
-        loss.backward()
-        results[fast] = (float(loss.array), {
-            name: p.grad.copy() for name, p in model.namedparams()})
+    results = both_paths(model, x, t)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
     for name, grad in results[False][1].items():
         numpy.testing.assert_allclose(results[True][1][name], grad,
@@ -220,14 +214,7 @@ def test_fast_pooling_cnn_equals_plain_in_float64():
         param.array = param.array.astype(numpy.float64)
     x = numpy.random.rand(3, 1, 16, 16)
     t = numpy.array([0, 5, 7], dtype=numpy.int32)
-    results = {}
-    for fast in (False, True):
-        model.fast = fast
-        model.cleargrads()
-        loss = model(x, t)
-        loss.backward()
-        results[fast] = (float(loss.array), {
-            name: p.grad.copy() for name, p in model.namedparams()})
+    results = both_paths(model, x, t)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
     for name, grad in results[False][1].items():
         numpy.testing.assert_allclose(results[True][1][name], grad,

@@ -13,6 +13,7 @@ from chainer import gradient_check
 
 import fast_ops
 import nets
+from conftest import both_paths
 
 
 def random(*shape, seed=0, scale=1.0):
@@ -96,15 +97,7 @@ def test_fast_path_equals_plain_path(options):
     size = model.input_size
     x = numpy.random.rand(3, 1, size, size).astype(numpy.float32)
     t = numpy.array([1, 5, 7], dtype=numpy.int32)
-    results = {}
-    for fast in (False, True):
-        model.fast = fast
-        model.cleargrads()
-        loss = model(x, t)
-        loss.backward()
-        results[fast] = (float(loss.array),
-                         {name: p.grad.copy()
-                          for name, p in model.namedparams()})
+    results = both_paths(model, x, t)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
     for name, grad in results[False][1].items():
         fast_grad = results[True][1][name]
