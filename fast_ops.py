@@ -369,6 +369,35 @@ def squash_backward(s, gv):
         axis=-1, keepdims=True)
 
 
+# How DigitCapsules contracts u_hat with the couplings and with the capsules:
+# None picks einsum on NumPy (3 to 4 times faster there than the broadcast
+# form at the paper's sizes, one core, measured on this project's CPU) and
+# broadcast products with a sum on CuPy (two kernels each, where cupy.einsum
+# spends host time planning and copies u_hat into a matmul layout); True or
+# False forces one (benchmark.py --routing-contraction compares them).
+ROUTING_EINSUM = None
+
+
+def _use_einsum(xp):
+    return xp is numpy if ROUTING_EINSUM is None else bool(ROUTING_EINSUM)
+
+
+def sum_over_inputs(weights, u_hat):
+    """sum_i weights[i, b, j] * u_hat[i, b, j, :] -> (B, J, D)."""
+    xp = backend.get_array_module(u_hat)
+    if _use_einsum(xp):
+        return xp.einsum('ibj,ibjd->bjd', weights, u_hat)
+    return (weights[..., None] * u_hat).sum(axis=0)
+
+
+def agreement(u_hat, vectors):
+    """<u_hat[i, b, j, :], vectors[b, j, :]> -> (I, B, J)."""
+    xp = backend.get_array_module(u_hat)
+    if _use_einsum(xp):
+        return xp.einsum('ibjd,bjd->ibj', u_hat, vectors)
+    return (u_hat * vectors).sum(axis=3)
+
+
 def outer_sum(weights, vectors, batched_gemm):
     """sum_k weights[k][i, b, j] * vectors[k][b, j, :] -> (I, B, J, D).
 
@@ -424,13 +453,13 @@ class DigitCapsules(function_node.FunctionNode):
         self.c, self.s, self.v = [], [], []
         for iteration in range(self.n_iterations):
             c = _softmax(logits, axis=2)
-            s = xp.einsum('ibj,ibjd->bjd', c, u_hat)
+            s = sum_over_inputs(c, u_hat)
             v = squash_forward(s)
             self.c.append(c)
             self.s.append(s)
             self.v.append(v)
             if iteration < self.n_iterations - 1:
-                logits += xp.einsum('ibjd,bjd->ibj', u_hat, v)
+                logits += agreement(u_hat, v)
         self.u_t, self.W_t, self.u_hat = u_t, W_t, u_hat
         self.coupling = c.transpose(1, 0, 2)
         return v,
@@ -449,7 +478,7 @@ class DigitCapsules(function_node.FunctionNode):
                 xp.zeros_like(self.v[r])
             if g_logits_next is not None:
                 # logits_{r+1} = logits_r + <u_hat, v_r>
-                gv += xp.einsum('ibj,ibjd->bjd', g_logits_next, u_hat)
+                gv += sum_over_inputs(g_logits_next, u_hat)
                 weights.append(g_logits_next)
                 vectors.append(self.v[r])
             gs = squash_backward(self.s[r], gv)
@@ -457,7 +486,7 @@ class DigitCapsules(function_node.FunctionNode):
             vectors.append(gs)
             if r > 0:   # the first logits are constant zeros
                 c = self.c[r]
-                g_c = xp.einsum('ibjd,bjd->ibj', u_hat, gs)
+                g_c = agreement(u_hat, gs)
                 g_logits = c * (g_c - (c * g_c).sum(axis=2, keepdims=True))
                 if g_logits_next is not None:
                     g_logits += g_logits_next
@@ -489,3 +518,159 @@ def digit_capsules(u, W, n_iterations):
     node = DigitCapsules(n_iterations)
     v, = node.apply((u, W))
     return v, node.coupling
+
+
+# --------------------------------------------------------------------------
+# Capsule heads: one node each, on both devices
+# --------------------------------------------------------------------------
+#
+# Chainer spends tens of microseconds of host time on every function node,
+# forward and backward, and on the GPU that host time, not the arithmetic,
+# is what a training step waits for (docs/gpu.md). The plain path spells
+# squash, the lengths with the margin loss, the mask and the reconstruction
+# error as about 36 small nodes; these four nodes do the same arithmetic
+# with the NumPy API alone (so on NumPy and CuPy arrays alike).
+
+class SquashCapsules(function_node.FunctionNode):
+    """A convolution's output regrouped into capsules, then squashed (Eq. 1).
+
+    Input: x of any layout holding B x I x K values. Output: (B, I, K),
+    ``squash(x.reshape(split).transpose(axes).reshape(B, I, K))``.
+    """
+
+    def __init__(self, split, axes, capsule_shape):
+        self.split, self.axes = tuple(split), tuple(axes)
+        self.capsule_shape = tuple(capsule_shape)
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 1, in_types[0].dtype.kind == 'f')
+
+    def forward(self, inputs):
+        x, = inputs
+        xp = backend.get_array_module(x)
+        self.x_shape = x.shape
+        self.s = xp.ascontiguousarray(
+            x.reshape(self.split).transpose(self.axes)).reshape(
+                self.capsule_shape)
+        return squash_forward(self.s),
+
+    def backward(self, indexes, grad_outputs):
+        xp = backend.get_array_module(self.s)
+        gs = squash_backward(self.s, grad_outputs[0].array)
+        transposed = tuple(self.split[axis] for axis in self.axes)
+        inverse = tuple(int(axis) for axis in numpy.argsort(self.axes))
+        gx = xp.ascontiguousarray(gs.reshape(transposed).transpose(
+            inverse)).reshape(self.x_shape)
+        self.s = None
+        return chainer.Variable(gx),
+
+
+def squash_capsules(x, split, axes, capsule_shape):
+    """(B, I, K) squashed capsules from x, regrouped as in SquashCapsules."""
+    return SquashCapsules(split, axes, capsule_shape).apply((x,))[0]
+
+
+class MarginLoss(function_node.FunctionNode):
+    """Eq. 4 from the digit capsules themselves: lengths and loss in one node.
+
+    Input: v (B, J, D). Output: the scalar loss, summed over the classes and
+    averaged over the batch. ``self.lengths`` keeps the lengths (B, J),
+    sqrt(|v|^2 + eps) as ``nets.safe_norm``, for the accuracy.
+    """
+
+    def __init__(self, present, m_plus, m_minus, lambda_absent):
+        self.present = present
+        self.m_plus, self.m_minus = m_plus, m_minus
+        self.lambda_absent = lambda_absent
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 1, in_types[0].dtype.kind == 'f',
+                          in_types[0].ndim == 3)
+
+    def forward(self, inputs):
+        v, = inputs
+        xp = backend.get_array_module(v)
+        present = self.present.astype(v.dtype, copy=False)
+        lengths = xp.sqrt((v * v).sum(axis=2) + v.dtype.type(EPSILON))
+        short = xp.maximum(self.m_plus - lengths, 0)
+        long = xp.maximum(lengths - self.m_minus, 0)
+        absent = self.lambda_absent * (1 - present)
+        loss = (present * short * short + absent * long * long).sum()
+        batch = v.shape[0]
+        # d loss / d length, per sample and class
+        self.g_lengths = (2 / batch) * (absent * long - present * short)
+        self.lengths = lengths
+        self.retain_inputs((0,))
+        return xp.asarray(loss / batch, dtype=v.dtype),
+
+    def backward(self, indexes, grad_outputs):
+        v = self.get_retained_inputs()[0].array
+        gy = grad_outputs[0].array
+        scale = gy * self.g_lengths / self.lengths
+        return chainer.Variable(scale[:, :, None] * v),
+
+
+def margin_loss(v, present, m_plus, m_minus, lambda_absent):
+    """(loss Variable, lengths (B, J) array) of digit capsules v (B, J, D)
+    for the present classes (B, J) of 0 / 1."""
+    node = MarginLoss(present, m_plus, m_minus, lambda_absent)
+    loss, = node.apply((v,))
+    return loss, node.lengths
+
+
+class Mask(function_node.FunctionNode):
+    """v (B, J, D) -> (B, J * D), zero but for each sample's chosen capsule."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 1, in_types[0].ndim == 3)
+
+    def forward(self, inputs):
+        v, = inputs
+        xp = backend.get_array_module(v)
+        self.keep = xp.eye(v.shape[1], dtype=v.dtype)[self.labels][:, :, None]
+        return (v * self.keep).reshape(v.shape[0], -1),
+
+    def backward(self, indexes, grad_outputs):
+        g = grad_outputs[0].array
+        return chainer.Variable(g.reshape(self.keep.shape[:2] + (-1,))
+                                * self.keep),
+
+
+def mask(v, labels):
+    """(B, J * D) as ``nets.mask``, in one node."""
+    return Mask(labels).apply((v,))[0]
+
+
+class SquaredError(function_node.FunctionNode):
+    """Sum of squared errors per example, averaged over the batch.
+
+    Inputs: y (B, P) and a target x with B x P values (no gradient: the
+    data). Output: the scalar sum((y - x)^2) / B.
+    """
+
+    def __init__(self, target):
+        self.target = getattr(target, 'array', target)
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 1, in_types[0].dtype.kind == 'f',
+                          in_types[0].ndim == 2)
+
+    def forward(self, inputs):
+        y, = inputs
+        xp = backend.get_array_module(y)
+        self.difference = y - self.target.reshape(y.shape)
+        flat = self.difference.ravel()
+        return xp.asarray(flat.dot(flat) / y.shape[0], dtype=y.dtype),
+
+    def backward(self, indexes, grad_outputs):
+        gy = grad_outputs[0].array
+        scale = gy * (2 / self.difference.shape[0])
+        return chainer.Variable(scale * self.difference),
+
+
+def squared_error(y, target):
+    """sum((y - target)^2) / B for y (B, P), in one node."""
+    return SquaredError(target).apply((y,))[0]

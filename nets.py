@@ -7,9 +7,12 @@ D = 16 for a digit capsule's.
 Two implementations of the same network share one set of parameters:
 - the plain path, built from stock Chainer functions (runs on NumPy or CuPy);
 - the fast path (`fast_ops`), custom FunctionNodes laid out so that the
-  BLAS does the work: on the CPU every layer, on the GPU the prediction
-  vectors and routing as one node. It is chosen by default; ``fast=False``
-  keeps the plain path selectable for comparison.
+  BLAS does the work and Chainer has few nodes to run: on the CPU every
+  layer; on the GPU all but the convolutions and the decoder's layers (the
+  prediction vectors with the routing, squash, the margin loss with the
+  lengths, the mask and the reconstruction error are one node each). It is
+  chosen by default; ``fast=False`` keeps the plain path selectable for
+  comparison.
 """
 import contextlib
 
@@ -227,9 +230,9 @@ class CapsNet(chainer.Chain):
         input_size: side of the square input (28 MNIST; 36, 40 padded).
         n_classes: J.
         fast: use the fast kernels (``fast_ops``): on the CPU all of them,
-            on the GPU the routing node. None (the default) picks them on
-            both; False keeps the plain path. Not part of the architecture
-            and not saved.
+            on the GPU all but the convolutions. None (the default) picks
+            them on both; False keeps the plain path. Not part of the
+            architecture and not saved.
     """
 
     arch = 'capsnet'
@@ -273,9 +276,8 @@ class CapsNet(chainer.Chain):
     # -- pieces ------------------------------------------------------------
 
     def _use_fast(self):
-        """Whether fast_ops runs: all of it on the CPU, its routing node
-        (``fast_ops.digit_capsules``) on the GPU, where the convolutions stay
-        Chainer's own."""
+        """Whether fast_ops runs: all of it on the CPU; on the GPU all but
+        its convolutions (see ``_hwbc_convolutions``)."""
         if self.fast is None:
             return True
         return bool(self.fast)
@@ -294,30 +296,38 @@ class CapsNet(chainer.Chain):
                            + self.W.shape[1:])
         return F.reshape(W, (self.n_primary,) + self.W.shape[1:])
 
+    def _hwbc_convolutions(self):
+        """Whether the convolutions are fast_ops' own (the fast path on the
+        CPU); on the GPU the fast path keeps Chainer's convolutions."""
+        return self._use_fast() and self.xp is numpy
+
     def primary_capsules(self, x):
         """(B, 1, S, S) images -> (B, I, K) squashed primary capsules.
 
         Capsule i = type * grid^2 + row * grid + column.
         """
-        if self._use_fast() and self.xp is numpy:
-            batch, side = x.shape[0], self.input_size
+        batch, grid = x.shape[0], self.grid
+        if self._hwbc_convolutions():
+            side = self.input_size
             # the fast kernels work on (H, W, B, C) arrays
             h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
                                       (1, 2, 0)), (side, side, batch, 1))
             h = fast_ops.conv2d_hwbc(h, self.conv1.W, self.conv1.b)
             h = fast_ops.conv2d_hwbc(self._activation(h), self.primary.W,
                                      self.primary.b, stride=2, method='dft')
-            h = F.reshape(h, (self.grid, self.grid, batch, N_PRIMARY_TYPES,
-                              PRIMARY_DIM))
-            h = F.transpose(h, (2, 3, 0, 1, 4))
+            # (grid, grid, B, types, K) -> (B, types, grid, grid, K)
+            split = (grid, grid, batch, N_PRIMARY_TYPES, PRIMARY_DIM)
+            axes = (2, 3, 0, 1, 4)
         else:
-            h = self._activation(self.conv1(x))
-            h = self.primary(h)
-            batch = h.shape[0]
-            h = F.reshape(h, (batch, N_PRIMARY_TYPES, PRIMARY_DIM,
-                              self.grid, self.grid))
-            h = F.transpose(h, (0, 1, 3, 4, 2))
-        return squash(F.reshape(h, (batch, self.n_primary, PRIMARY_DIM)))
+            h = self.primary(self._activation(self.conv1(x)))
+            # (B, types, K, grid, grid) -> (B, types, grid, grid, K)
+            split = (batch, N_PRIMARY_TYPES, PRIMARY_DIM, grid, grid)
+            axes = (0, 1, 3, 4, 2)
+        capsules = (batch, self.n_primary, PRIMARY_DIM)
+        if self._use_fast():
+            return fast_ops.squash_capsules(h, split, axes, capsules)
+        return squash(F.reshape(F.transpose(F.reshape(h, split), axes),
+                                capsules))
 
     def digit_capsules(self, u):
         """(B, I, K) -> v (B, J, D) and the last coupling c (B, I, J)."""
@@ -338,11 +348,27 @@ class CapsNet(chainer.Chain):
 
     def reconstruction(self, v, labels):
         """Decoder output (B, S*S) for v (B, J, D) masked by labels (B,)."""
+        if self._use_fast():
+            return self.decoder(fast_ops.mask(v, labels))
         return self.decoder(mask(v, labels))
+
+    def _margin_loss(self, v, present):
+        """(Eq. 4 as a scalar Variable, the lengths (B, J) as an array) for
+        v (B, J, D) and the present classes (B, J)."""
+        if self._use_fast():
+            return fast_ops.margin_loss(v, present, M_PLUS, M_MINUS,
+                                        LAMBDA_ABSENT)
+        lengths = self.lengths(v)
+        return margin_loss_present(lengths, present), lengths.array
+
+    def _reconstruction_loss(self, reconstruction, x):
+        if self._use_fast():
+            return fast_ops.squared_error(reconstruction, x)
+        return reconstruction_loss(reconstruction, x)
 
     def inference(self):
         """Context for inference over many batches with fixed weights."""
-        if self._use_fast() and self.xp is numpy:
+        if self._hwbc_convolutions():
             return fast_ops.fixed_weights()
         return contextlib.nullcontext()
 
@@ -363,14 +389,15 @@ class CapsNet(chainer.Chain):
         predicted one at test time.
         """
         v = self.capsules(x)
-        lengths = self.lengths(v)
-        loss = margin_loss(lengths, t)
-        prediction = lengths.array.argmax(axis=1)
+        present = self.xp.eye(self.n_classes, dtype=v.dtype)[t]
+        loss, lengths = self._margin_loss(v, present)
+        prediction = lengths.argmax(axis=1)
         observation = {'margin_loss': loss,
                        'accuracy': (prediction == t).mean()}
         if self.reconstruct:
             labels = t if chainer.config.train else prediction
-            recon = reconstruction_loss(self.reconstruction(v, labels), x)
+            recon = self._reconstruction_loss(
+                self.reconstruction(v, labels), x)
             observation['reconstruction_loss'] = recon
             loss = loss + RECONSTRUCTION_WEIGHT * recon
         observation['loss'] = loss
@@ -411,23 +438,23 @@ class TwoDigitCapsNet(CapsNet):
         and, with the decoder, the digits' own images x1, x2 (B, 1, S, S).
         """
         v = self.capsules(x)
-        lengths = self.lengths(v)
-        present = two_hot(t1, t2, self.n_classes, self.xp, lengths.dtype)
-        loss = margin_loss_present(lengths, present)
+        present = two_hot(t1, t2, self.n_classes, self.xp, v.dtype)
+        loss, lengths = self._margin_loss(v, present)
         observation = {'margin_loss': loss, 'accuracy': pair_correct(
-            lengths.array, t1, t2).mean()}
+            lengths, t1, t2).mean()}
         if self.reconstruct:
             if chainer.config.train:
                 first, second = t1, t2
             else:
-                best = top2(lengths.array)
+                best = top2(lengths)
                 # the predicted capsule that is t2 (or is not t1) goes to x2
                 swap = (best[:, 0] == t2) | (best[:, 1] == t1)
                 first = self.xp.where(swap, best[:, 1], best[:, 0])
                 second = self.xp.where(swap, best[:, 0], best[:, 1])
-            recon = (reconstruction_loss(self.reconstruction(v, first), x1)
-                     + reconstruction_loss(self.reconstruction(v, second),
-                                           x2))
+            recon = (self._reconstruction_loss(
+                self.reconstruction(v, first), x1)
+                + self._reconstruction_loss(
+                    self.reconstruction(v, second), x2))
             observation['reconstruction_loss'] = recon
             loss = loss + RECONSTRUCTION_WEIGHT * recon
         observation['loss'] = loss

@@ -77,6 +77,30 @@ def test_digit_capsules_match_plain_routing(iterations):
     numpy.testing.assert_allclose(c.sum(axis=2), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize('iterations', [1, 3])
+def test_digit_capsules_contractions_agree(iterations, monkeypatch):
+    """einsum (NumPy's choice) and broadcast-and-sum (CuPy's): the same
+    output, coupling and gradients, and the broadcast form passes the
+    gradient check on its own."""
+    u = random(2, 6, 4, scale=0.5)
+    W = random(6, 3, 5, 4, seed=1, scale=0.5)
+    gy = random(2, 3, 5, seed=2)
+    results = []
+    for einsum in (True, False):
+        monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', einsum)
+        u_var, W_var = chainer.Variable(u), chainer.Variable(W)
+        v, c = fast_ops.digit_capsules(u_var, W_var, iterations)
+        v.grad = gy
+        v.backward()
+        results.append((v.array, c, u_var.grad, W_var.grad))
+    for with_einsum, broadcast in zip(*results):
+        numpy.testing.assert_allclose(broadcast, with_einsum, rtol=1e-12,
+                                      atol=1e-15)
+    gradient_check.check_backward(
+        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
 def test_squash_backward_is_finite_at_zero():
     s = numpy.zeros((2, 16))
     g = fast_ops.squash_backward(s, numpy.ones_like(s))
@@ -103,6 +127,141 @@ def test_fast_path_equals_plain_path(options):
         fast_grad = results[True][1][name]
         scale = numpy.abs(grad).max() + 1e-12
         assert numpy.abs(fast_grad - grad).max() / scale < 1e-4, name
+
+
+# the capsule heads: each fused node against the plain functions it replaces
+
+LABELS = numpy.array([2, 0, 3, 3], dtype=numpy.int32)
+PRESENT = numpy.eye(4)[LABELS]
+
+
+def plain_squash_capsules(x):
+    """The GPU layout: (B, types * K, G, G) -> (B, types * G * G, K)."""
+    h = chainer.functions.transpose(chainer.functions.reshape(
+        x, (4, 2, 3, 2, 2)), (0, 1, 3, 4, 2))
+    return nets.squash(chainer.functions.reshape(h, (4, 8, 3)))
+
+
+def fused_squash_capsules(x):
+    return fast_ops.squash_capsules(x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2),
+                                    (4, 8, 3))
+
+
+HEADS = {
+    # name: (fused function, plain function, input shape)
+    'squash_capsules': (fused_squash_capsules, plain_squash_capsules,
+                        (4, 6, 2, 2)),
+    'margin_loss': (
+        lambda v: fast_ops.margin_loss(v, PRESENT, nets.M_PLUS, nets.M_MINUS,
+                                       nets.LAMBDA_ABSENT)[0],
+        lambda v: nets.margin_loss_present(nets.safe_norm(v, axis=2),
+                                           PRESENT.astype(v.dtype)),
+        (4, 4, 5)),
+    'mask': (lambda v: fast_ops.mask(v, LABELS),
+             lambda v: nets.mask(v, LABELS), (4, 4, 5)),
+    'squared_error': (
+        lambda y: fast_ops.squared_error(y, random(4, 1, 3, 3, seed=7)
+                                         .astype(y.dtype)),
+        lambda y: nets.reconstruction_loss(y, random(4, 1, 3, 3, seed=7)
+                                           .astype(y.dtype)),
+        (4, 9)),
+}
+
+
+def head_input(name, dtype=numpy.float64):
+    x = random(*HEADS[name][2], seed=3) * 0.4
+    if name == 'margin_loss':
+        x[1] *= 0.1     # lengths around m- = 0.1 (the others around m+)
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize('name', sorted(HEADS))
+def test_capsule_head_gradient_check(name):
+    fused, _, _ = HEADS[name]
+    x = head_input(name)
+    y = fused(x)
+    gy = numpy.asarray(random(*y.shape, seed=4))
+    gradient_check.check_backward(fused, (x,), gy, dtype=numpy.float64,
+                                  atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [numpy.float64, numpy.float32])
+@pytest.mark.parametrize('name', sorted(HEADS))
+def test_capsule_head_matches_the_plain_functions(name, dtype):
+    fused, plain, _ = HEADS[name]
+    tolerance = dict(rtol=1e-12, atol=1e-14) if dtype == numpy.float64 \
+        else dict(rtol=1e-5, atol=1e-7)
+    results = []
+    for function in (fused, plain):
+        x = chainer.Variable(head_input(name, dtype))
+        y = function(x)
+        y.grad = numpy.asarray(random(*y.shape, seed=4), dtype=dtype)
+        y.backward()
+        assert y.dtype == dtype and x.grad.dtype == dtype
+        results.append((y.array, x.grad))
+    for fused_array, plain_array in zip(*results):
+        numpy.testing.assert_allclose(fused_array, plain_array, **tolerance)
+
+
+def test_margin_loss_node_keeps_the_lengths():
+    v = head_input('margin_loss')
+    lengths = fast_ops.margin_loss(v, PRESENT, 0.9, 0.1, 0.5)[1]
+    numpy.testing.assert_allclose(
+        lengths, nets.safe_norm(v, axis=2).array, rtol=1e-12)
+    # the test input takes every branch of Eq. 4's two hinges
+    present, absent = lengths[PRESENT == 1], lengths[PRESENT == 0]
+    assert (present < 0.9).any() and (present > 0.9).any()
+    assert (absent < 0.1).any() and (absent > 0.1).any()
+
+
+@pytest.mark.parametrize('options', [{}, {'share_weights': True,
+                                          'routing': 2}])
+def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options):
+    """On the GPU the fast path keeps Chainer's convolutions around the
+    fused nodes; the same arrangement, run here on the CPU."""
+    numpy.random.seed(0)
+    model = nets.CapsNet(**options)
+    model._hwbc_convolutions = lambda: False
+    x = numpy.random.rand(3, 1, 28, 28).astype(numpy.float32)
+    t = numpy.array([1, 5, 7], dtype=numpy.int32)
+    results = both_paths(model, x, t)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        scale = numpy.abs(grad).max() + 1e-12
+        assert numpy.abs(results[True][1][name] - grad).max() / scale \
+            < 1e-4, name
+
+
+class CountFunctions(chainer.FunctionHook):
+    """Counts the function nodes run forward."""
+    name = 'CountFunctions'
+
+    def __init__(self):
+        self.forward = 0
+
+    def forward_preprocess(self, function, in_data):
+        self.forward += 1
+
+
+@pytest.mark.parametrize('hwbc', [True, False])
+def test_fast_training_step_runs_few_function_nodes(hwbc):
+    """Chainer's per-node host time is what a GPU step waits for. A
+    forward pass of the paper's model (r = 3, decoder) on the fast path is
+    16 function nodes with Chainer's convolutions, as on the GPU, and 19
+    with the CPU's (the plain path: 103 and 106); the count is the same
+    whichever device runs it."""
+    model = nets.CapsNet(routing=3, reconstruct=True)
+    model._hwbc_convolutions = lambda: hwbc
+    x = numpy.random.RandomState(0).rand(2, 1, 28, 28).astype(numpy.float32)
+    t = numpy.array([1, 5], dtype=numpy.int32)
+    counts = {}
+    for fast in (True, False):
+        model.fast = fast
+        with CountFunctions() as hook:
+            model(x, t)
+        counts[fast] = hook.forward
+    assert counts[True] <= (19 if hwbc else 16), counts
+    assert counts[False] > 5 * counts[True], counts
 
 
 def test_fast_path_is_chosen_on_the_cpu_and_can_be_turned_off():

@@ -146,6 +146,51 @@ def test_gradient_check_on_device(gpu_device, name):
                                   dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
+def capsule_heads(device):
+    """{name: (fused node as a function of one input, its input's shape)}
+    for fast_ops' capsule heads, their constant arguments on ``device``."""
+    labels = numpy.array([2, 0, 3, 3], dtype=numpy.int32)
+    present = device.send(numpy.eye(4, dtype=numpy.float32)[labels])
+    target = device.send(random(4, 9, seed=7))
+    labels = device.send(labels)
+    return {
+        'squash_capsules': (lambda x: fast_ops.squash_capsules(
+            x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2), (4, 8, 3)), (4, 6, 2, 2)),
+        'margin_loss': (lambda v: fast_ops.margin_loss(
+            v, present, nets.M_PLUS, nets.M_MINUS, nets.LAMBDA_ABSENT)[0],
+            (4, 4, 5)),
+        'mask': (lambda v: fast_ops.mask(v, labels), (4, 4, 5)),
+        'squared_error': (lambda y: fast_ops.squared_error(y, target),
+                          (4, 9)),
+    }
+
+
+HEADS = sorted(capsule_heads(CPU))
+
+
+@pytest.mark.parametrize('name', HEADS)
+def test_capsule_head_matches_cpu(gpu_device, name):
+    function, shape = capsule_heads(CPU)[name]
+    device_function, _ = capsule_heads(gpu_device)[name]
+    inputs = [random(*shape, seed=3, scale=0.4)]
+    on_cpu = run_unit(CPU, function, inputs)
+    on_device = run_unit(gpu_device, device_function, inputs)
+    for expected, actual in zip(on_cpu[0] + on_cpu[1],
+                                on_device[0] + on_device[1]):
+        numpy.testing.assert_allclose(actual, expected, **UNIT_TOLERANCE)
+
+
+@pytest.mark.parametrize('name', HEADS)
+def test_capsule_head_gradient_check_on_device(gpu_device, name):
+    function, shape = capsule_heads(gpu_device)[name]
+    x = gpu_device.send(random(*shape, seed=3, scale=0.4,
+                               dtype=numpy.float64))
+    gy = gpu_device.send(random(*function(x).shape, seed=4,
+                                dtype=numpy.float64))
+    gradient_check.check_backward(function, (x,), gy, dtype=numpy.float64,
+                                  atol=1e-6, rtol=1e-5)
+
+
 def capsnet_loss_and_grads(model, device, x, t):
     model = model.copy(mode='copy')
     model.to_device(device)
@@ -184,7 +229,7 @@ def test_capsnet_plain_path_on_device_matches_cpu(gpu_device):
                                  NETWORK_TOLERANCE)
 
 
-def test_fast_routing_on_device_matches_plain_on_device(gpu_device):
+def test_fast_path_on_device_matches_plain_on_device(gpu_device):
     numpy.random.seed(0)
     plain = nets.CapsNet(reconstruct=True, fast=False)
     fast = plain.copy(mode='copy')
