@@ -43,6 +43,10 @@ def parse_args(argv=None):
     add('--routing', type=cli.positive_int, default=3,
         help='routing iterations r')
     add('--no-plain', action='store_true', help='time only the fast path')
+    add('--routing-contraction', default='auto',
+        choices=['auto', 'einsum', 'broadcast'],
+        help="how the fast routing contracts u_hat (fast_ops.ROUTING_EINSUM): "
+             "auto picks einsum on the CPU, broadcast-and-sum on the GPU")
     add('--profile', action='store_true',
         help='also break a fast training step down by Chainer function '
              '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '
@@ -109,9 +113,10 @@ def profile(model, optimizer, x, t, args, synchronize):
     ``functions``: milliseconds per step of each Chainer function type,
     forward and backward together (TimerHook synchronises around every
     function, so these add up to more than an unhooked step);
-    ``update_ms``: Adam's update; ``host_ms``: a step without waiting for
-    the device (the Python and launch side alone; on the CPU the same as
-    the step).
+    ``function_calls``: Chainer function calls in a forward and backward
+    pass (each of which costs host time); ``update_ms``: Adam's update;
+    ``host_ms``: a step without waiting for the device (the Python and
+    launch side alone; on the CPU the same as the step).
     """
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     from chainer.function_hooks import TimerHook
@@ -130,8 +135,12 @@ def profile(model, optimizer, x, t, args, synchronize):
         for _ in range(args.repeats):
             forward_backward()
     synchronize()
+    summary = hook.summary()
     functions = {name: round(1000 * entry['elapsed_time'] / args.repeats, 3)
-                 for name, entry in hook.summary().items()}
+                 for name, entry in summary.items()}
+    # each node counts once forward and once backward (if it has a gradient)
+    calls = sum(entry['occurrence'] for entry in summary.values()) \
+        // args.repeats
     update_s = time_calls(optimizer.update, 1, args.repeats, synchronize)
     synchronize()
     start = time.perf_counter()
@@ -147,7 +156,9 @@ def profile(model, optimizer, x, t, args, synchronize):
     print('  {:32s} {:9.3f}'.format('(Adam update)', 1000 * update_s))
     print('  host side of a whole step, unsynchronised: {:.3f} ms'.format(
         1000 * host_s))
-    return {'functions_ms': dict(ranked),
+    print('  Chainer function calls per step (forward and backward): {}'
+          .format(calls))
+    return {'functions_ms': dict(ranked), 'function_calls': calls,
             'update_ms': round(1000 * update_s, 3),
             'host_ms': round(1000 * host_s, 3)}
 
@@ -168,6 +179,8 @@ def main(argv=None):
 
     # before any timing, so that both implementations run under it
     kept = False if args.default_malloc else fast_ops.keep_freed_memory()
+    fast_ops.ROUTING_EINSUM = {'auto': None, 'einsum': True,
+                               'broadcast': False}[args.routing_contraction]
 
     args.device = cli.device_spec(args.device)
     try:
@@ -205,6 +218,7 @@ def main(argv=None):
 
     result = {'batchsize': args.batchsize,
               'eval_batchsize': len(x_eval), 'routing': args.routing,
+              'routing_contraction': args.routing_contraction,
               'repeats': args.repeats,
               'threads': args.threads or 'default',
               'keep_freed_memory': kept,

@@ -9,7 +9,8 @@ as it exists (so an interrupted check keeps what it measured):
 
 1. environment.json: Python, NumPy, Chainer, CuPy, CUDA, the GPU's name and
    which compat.py patches were applied;
-2. tests.log: ``CAPSNET_TEST_GPU=1 python -m pytest -q -m gpu``;
+2. gpu_tests.log, gpu_tests_slow-N.log: ``CAPSNET_TEST_GPU=1 python -m
+   pytest -q -m gpu``, the slow tests each in its own process, at once;
 3. benchmark-B.json for B in --batchsizes: ``benchmark.py --device D -b B
    --json`` (the fast and the plain path), and beside it the PyTorch
    reference's training samples/s, eager and torch.compile, on the same GPU
@@ -33,6 +34,7 @@ if __name__ == '__main__':  # first: see cli.py
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +76,12 @@ def parse_args(argv=None):
     if args.dry_run:
         args.device = '@numpy'
     return args
+
+
+def last_line(output):
+    """The last non-blank line of a command's output ('' if none)."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else ''
 
 
 class Check:
@@ -152,25 +160,82 @@ class Check:
         self.write('environment.json', json.dumps(info, indent=1) + '\n')
 
     def tests(self):
-        """The GPU tests in two runs, quick ones first, each with its log
-        (a timeout in the slow run keeps the quick run's report)."""
+        """The GPU tests: the quick ones in one pytest, then each slow one
+        in its own pytest, all at once (they start tools, so they wait on
+        process start-up more than on the GPU; one after the other they
+        did not fit a check of 7 minutes). A timeout in the slow run keeps
+        the quick run's report."""
         env = {'CAPSNET_TEST_GPU': '1', 'CAPSNET_SHARED_DATA':
                os.path.dirname(os.path.abspath(self.args.data_dir))}
-        if self.args.dry_run:   # the units only: the rest trains on the CPU
+        pytest = [sys.executable, '-m', 'pytest', '-q', '--tb=short', '-p',
+                  'no:cacheprovider', 'tests']
+        if self.args.dry_run:   # a few units: the rest trains on the CPU
             env['CAPSNET_TEST_DEVICE'] = '@numpy'
-            runs = [('gpu_tests', ['-m', 'gpu', '-k', 'unit_matches_cpu'])]
+            quick = ['-m', 'gpu', '-k', 'unit_matches_cpu']
+            slow = ['-m', 'gpu', '-k',
+                    'capsule_head_matches_cpu and (mask or squared)']
         else:
-            runs = [('gpu_tests', ['-m', 'gpu and not slow']),
-                    ('gpu_tests_slow', ['-m', 'gpu and slow'])]
-        for step, selection in runs:
-            status, output = self.run(
-                step, [sys.executable, '-m', 'pytest', '-q', '--tb=short',
-                       '-p', 'no:cacheprovider', 'tests'] + selection,
-                step + '.log', 0.4 * self.seconds_left(), env)
-            lines = [line for line in output.splitlines() if line.strip()]
-            self.summary['steps'][step]['result'] = lines[-1] if lines \
-                else ''
-            self.save_summary()
+            quick, slow = ['-m', 'gpu and not slow'], ['-m', 'gpu and slow']
+        status, output = self.run('gpu_tests', pytest + quick,
+                                  'gpu_tests.log', 0.4 * self.seconds_left(),
+                                  env)
+        self.summary['steps']['gpu_tests']['result'] = last_line(output)
+        self.save_summary()
+        status, output = self.run('gpu_tests_collect', pytest + slow + [
+            '--collect-only'], 'gpu_tests_collect.log', 60, env)
+        tests = [line.strip() for line in output.splitlines()
+                 if '::' in line and ' ' not in line.strip()]
+        if status == 0 and tests:
+            self.run_together('gpu_tests_slow', [
+                pytest[:-1] + [test] for test in tests],
+                0.6 * self.seconds_left(), env)
+
+    def run_together(self, step, commands, timeout, env=None):
+        """Run the commands at once, each its own process group with its
+        log step-N.log; the step succeeds when every command does, and its
+        result is their last lines."""
+        start = time.monotonic()
+        timeout = max(10, min(timeout, self.seconds_left()))
+        print('[{:5.0f} s left] {}: {} processes at once'.format(
+            self.seconds_left(), step, len(commands)), flush=True)
+        running = []
+        try:
+            for number, command in enumerate(commands):
+                log = self.path('{}-{}.log'.format(step, number))
+                with open(log + '.tmp', 'w') as f:
+                    f.write(' '.join(command) + '\n')
+                    f.flush()
+                    running.append((log, subprocess.Popen(
+                        command, cwd=HERE, stdout=f,
+                        stderr=subprocess.STDOUT, start_new_session=True,
+                        env=dict(os.environ, **(env or {})))))
+            statuses = []
+            for log, process in running:
+                try:
+                    statuses.append(process.wait(
+                        max(1, start + timeout - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    statuses.append('timeout after {:.0f} s'.format(timeout))
+        finally:
+            for log, process in running:   # with the tools they started
+                if process.poll() is None:
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    process.wait()
+                if os.path.exists(log + '.tmp'):
+                    os.replace(log + '.tmp', log)
+        results = []
+        for log, _ in running:
+            with open(log) as f:
+                results.append(last_line(f.read()))
+        failed = [status for status in statuses if status != 0]
+        self.summary['steps'][step] = {
+            'status': failed[0] if failed else 0,
+            'seconds': round(time.monotonic() - start, 1),
+            'log': '{}-N.log'.format(step), 'result': '; '.join(results)}
+        self.save_summary()
 
     def benchmark(self):
         args = self.args
@@ -188,6 +253,19 @@ class Check:
             if status == 0:
                 row = json.loads(output.strip().splitlines()[-1])
                 self.write(name + '.json', json.dumps(row, indent=1) + '\n')
+            if batch == args.batchsizes[0]:
+                # the routing's other contraction (auto picks broadcast on
+                # the GPU): which is faster there is this figure's question
+                status, output = self.run(
+                    name + '-einsum', [sys.executable, 'benchmark.py',
+                                       '--device', args.device, '-b',
+                                       str(batch), '--json', '--no-plain',
+                                       '--routing-contraction', 'einsum'] +
+                    repeats, name + '-einsum.log', 300)
+                if status == 0:
+                    row['einsum_train_samples_per_s'] = json.loads(
+                        output.strip().splitlines()[-1])[
+                            'train_samples_per_s']
             if not args.dry_run:
                 # TF32 tensor cores for CuPy's matrix products, as PyTorch
                 # allows them for cuDNN convolutions by default
@@ -289,27 +367,33 @@ class Check:
             if step in s['steps']:
                 lines += ['', '{}: {}'.format(
                     step, s['steps'][step].get('result', ''))]
-        lines += ['', '| batch | ours fast train/s | ours plain train/s | '
-                  'ours fast, TF32 train/s | PyTorch eager train/s | '
-                  'PyTorch compiled train/s | ours fast eval/s | peak GPU MB '
-                  '|', '| --- ' * 8 + '|']
+        columns = [
+            ('ours fast train/s', 'train_samples_per_s'),
+            ('ours plain train/s', 'plain_train_samples_per_s'),
+            ('ours fast, einsum routing train/s',
+             'einsum_train_samples_per_s'),
+            ('ours fast, TF32 train/s', 'tf32_train_samples_per_s'),
+            ('PyTorch eager train/s', 'torch_eager_samples_per_s'),
+            ('PyTorch compiled train/s', 'torch_compile_samples_per_s'),
+            ('ours fast eval/s', 'eval_samples_per_s'),
+            ('peak GPU MB', 'peak_gpu_mb')]
+        lines += ['', '| batch | {} |'.format(' | '.join(
+            title for title, _ in columns)),
+            '| --- ' * (len(columns) + 1) + '|']
         for batch, row in s.get('benchmark', {}).items():
-            lines.append('| {} | {} | {} | {} | {} | {} | {} | {} |'.format(
-                batch, row.get('train_samples_per_s'),
-                row.get('plain_train_samples_per_s'),
-                row.get('tf32_train_samples_per_s'),
-                row.get('torch_eager_samples_per_s'),
-                row.get('torch_compile_samples_per_s'),
-                row.get('eval_samples_per_s'), row.get('peak_gpu_mb')))
+            lines.append('| {} | {} |'.format(batch, ' | '.join(
+                str(row.get(key)) for _, key in columns)))
         profile = s.get('benchmark', {}).get(
             str(self.args.batchsizes[0]), {}).get('profile')
         if profile:
             lines += ['', 'profile of a fast training step at batch {} (ms '
-                      'per step): {}; Adam update {}; host side {}'.format(
+                      'per step): {}; Adam update {}; host side {}; Chainer '
+                      'function calls {}'.format(
                           self.args.batchsizes[0], ', '.join(
                               '{} {}'.format(k, v) for k, v in list(
                                   profile['functions_ms'].items())[:8]),
-                          profile['update_ms'], profile['host_ms'])]
+                          profile['update_ms'], profile['host_ms'],
+                          profile.get('function_calls'))]
         training = s.get('training', {})
         if training.get('epochs_done'):
             lines += ['', 'full-MNIST training, --reconstruct: {} epochs'

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,13 +29,23 @@ def test_dry_run_goes_through_every_step(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['dry_run'] and summary['device'] == '@numpy'
     steps = summary['steps']
-    assert set(steps) == {'environment', 'benchmark-8', 'gpu_tests', 'train',
+    assert set(steps) == {'environment', 'benchmark-8', 'benchmark-8-einsum',
+                          'gpu_tests',
+                          'gpu_tests_collect', 'gpu_tests_slow', 'train',
                           'evaluate', 'visualize'}
     assert all(step['status'] == 0 for step in steps.values()), steps
     assert 'passed' in steps['gpu_tests']['result']
+    # the slow-test step: one pytest per test, at once, a log each
+    assert steps['gpu_tests_slow']['result'].count('1 passed') == 2, steps
+    for number in (0, 1):
+        log = (out / 'gpu_tests_slow-{}.log'.format(number)).read_text()
+        assert 'capsule_head_matches_cpu' in log and '1 passed' in log
+    assert not list(out.glob('*.tmp'))
     assert summary['environment']['chainer'] == '7.8.1'
     row = summary['benchmark']['8']
     assert row['train_samples_per_s'] > 0 and row['profile']['functions_ms']
+    assert row['einsum_train_samples_per_s'] > 0
+    assert row['profile']['function_calls'] > 0
     assert summary['training']['epochs_done'] == 1
     assert len(summary['training']['test_error_percent']) == 1
     report = (out / 'summary.md').read_text()
@@ -52,3 +63,41 @@ def test_bad_flags_are_one_line(flags, fragment, tmp_path):
     args = ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]
     result = run_check(*(args + flags))
     assert_one_error(result, fragment, status=2)
+
+
+def alive(pid):
+    """Whether process pid runs (a zombie, killed but not yet reaped by
+    whoever adopted it, does not)."""
+    try:
+        with open('/proc/{}/stat'.format(pid)) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
+        tmp_path):
+    import gpu_check
+    check = gpu_check.Check(gpu_check.parse_args(
+        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+    pid_file = tmp_path / 'grandchild.pid'
+    stuck = [sys.executable, '-c', (
+        'import subprocess, sys, time; child = subprocess.Popen([sys.executable'
+        ', "-c", "import time; time.sleep(120)"]); open({!r}, "w").write('
+        'str(child.pid)); print("started", flush=True); time.sleep(120)'
+    ).format(str(pid_file))]
+    quick = [sys.executable, '-c', 'print("1 passed")']
+    start = time.monotonic()
+    check.run_together('slow', [stuck, quick], timeout=1)
+    assert time.monotonic() - start < 60
+    step = check.summary['steps']['slow']
+    assert step['status'] == 'timeout after 10 s'    # the shortest timeout
+    assert step['result'] == 'started; 1 passed'
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):     # killed with its group
+        if not alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not alive(grandchild)
+    assert (tmp_path / 'o' / 'slow-1.log').read_text().endswith('1 passed\n')
+    assert not list((tmp_path / 'o').glob('*.tmp'))
