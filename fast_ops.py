@@ -601,7 +601,9 @@ class MarginLoss(function_node.FunctionNode):
         self.g_lengths = (2 / batch) * (absent * long - present * short)
         self.lengths = lengths
         self.retain_inputs((0,))
-        return xp.asarray(loss / batch, dtype=v.dtype),
+        # divided in the input's dtype on NumPy 1 and 2 alike (a NumPy 1
+        # float32 scalar divided by an int gives float64)
+        return xp.asarray(loss / v.dtype.type(batch), dtype=v.dtype),
 
     def backward(self, indexes, grad_outputs):
         v = self.get_retained_inputs()[0].array
@@ -663,12 +665,14 @@ class SquaredError(function_node.FunctionNode):
         xp = backend.get_array_module(y)
         self.difference = y - self.target.reshape(y.shape)
         flat = self.difference.ravel()
-        return xp.asarray(flat.dot(flat) / y.shape[0], dtype=y.dtype),
+        return xp.asarray(flat.dot(flat) / y.dtype.type(y.shape[0]),
+                          dtype=y.dtype),
 
     def backward(self, indexes, grad_outputs):
         gy = grad_outputs[0].array
-        scale = gy * (2 / self.difference.shape[0])
-        return chainer.Variable(scale * self.difference),
+        difference = self.difference
+        scale = gy * difference.dtype.type(2 / difference.shape[0])
+        return chainer.Variable(scale * difference),
 
 
 def squared_error(y, target):
