@@ -107,16 +107,51 @@ def measure(model, optimizer, x, t, x_eval, args, synchronize):
     return len(x) / train_s, len(x_eval) / eval_s
 
 
+def host_timer():
+    """A Chainer function hook that adds up, per function type, the host
+    seconds of forward and backward calls without waiting for the device:
+    the Python and launch side of each function, exclusive of the
+    functions it calls (Linear's backward calls LinearGradData, ...)."""
+    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+    import chainer
+
+    class HostTimer(chainer.FunctionHook):
+        name = 'HostTimer'
+
+        def __init__(self):
+            self.seconds = {}
+            self.running = []   # [start, seconds spent in nested calls]
+
+        def _enter(self, function, *args):
+            self.running.append([time.perf_counter(), 0.0])
+
+        def _leave(self, function, *args):
+            start, nested = self.running.pop()
+            elapsed = time.perf_counter() - start
+            if self.running:
+                self.running[-1][1] += elapsed
+            # the name TimerHook reports
+            name = getattr(function, '_impl_name', type(function).__name__)
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - nested
+
+        forward_preprocess = backward_preprocess = _enter
+        forward_postprocess = backward_postprocess = _leave
+
+    return HostTimer()
+
+
 def profile(model, optimizer, x, t, args, synchronize):
     """Where a training step's time goes, as a dict for the JSON line.
 
-    ``functions``: milliseconds per step of each Chainer function type,
+    ``functions_ms``: milliseconds per step of each Chainer function type,
     forward and backward together (TimerHook synchronises around every
     function, so these add up to more than an unhooked step);
+    ``host_functions_ms``: the same functions' host side alone (no
+    synchronisation: on the GPU, what Python and the kernel launches cost);
     ``function_calls``: Chainer function calls in a forward and backward
-    pass (each of which costs host time); ``update_ms``: Adam's update;
-    ``host_ms``: a step without waiting for the device (the Python and
-    launch side alone; on the CPU the same as the step).
+    pass; ``update_ms``: Adam's update; ``host_ms``: a step without waiting
+    for the device (the Python and launch side alone; on the CPU the same
+    as the step).
     """
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     from chainer.function_hooks import TimerHook
@@ -141,6 +176,13 @@ def profile(model, optimizer, x, t, args, synchronize):
     # each node counts once forward and once backward (if it has a gradient)
     calls = sum(entry['occurrence'] for entry in summary.values()) \
         // args.repeats
+    host = host_timer()
+    with host:
+        for _ in range(args.repeats):
+            forward_backward()
+    synchronize()
+    host_functions = {name: round(1000 * seconds / args.repeats, 3)
+                      for name, seconds in host.seconds.items()}
     update_s = time_calls(optimizer.update, 1, args.repeats, synchronize)
     synchronize()
     start = time.perf_counter()
@@ -151,14 +193,19 @@ def profile(model, optimizer, x, t, args, synchronize):
     ranked = sorted(functions.items(), key=lambda item: -item[1])
     print('profile of a fast training step (ms per step; forward + '
           'backward per function type):')
+    print('  {:32s} {:>9s} {:>9s}'.format('', 'synced', 'host'))
     for name, ms in ranked:
-        print('  {:32s} {:9.3f}'.format(name, ms))
+        print('  {:32s} {:9.3f} {:9.3f}'.format(name, ms,
+                                                host_functions.get(name, 0)))
     print('  {:32s} {:9.3f}'.format('(Adam update)', 1000 * update_s))
     print('  host side of a whole step, unsynchronised: {:.3f} ms'.format(
         1000 * host_s))
     print('  Chainer function calls per step (forward and backward): {}'
           .format(calls))
-    return {'functions_ms': dict(ranked), 'function_calls': calls,
+    return {'functions_ms': dict(ranked),
+            'host_functions_ms': dict(sorted(
+                host_functions.items(), key=lambda item: -item[1])),
+            'function_calls': calls,
             'update_ms': round(1000 * update_s, 3),
             'host_ms': round(1000 * host_s, 3)}
 

@@ -394,6 +394,11 @@ class Check:
                                   profile['functions_ms'].items())[:8]),
                           profile['update_ms'], profile['host_ms'],
                           profile.get('function_calls'))]
+            if profile.get('host_functions_ms'):
+                lines += ['', 'host side alone of the same functions (ms per '
+                          'step, not synchronised): {}'.format(', '.join(
+                              '{} {}'.format(k, v) for k, v in list(
+                                  profile['host_functions_ms'].items())[:8]))]
         training = s.get('training', {})
         if training.get('epochs_done'):
             lines += ['', 'full-MNIST training, --reconstruct: {} epochs'

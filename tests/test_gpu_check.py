@@ -50,6 +50,7 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert len(summary['training']['test_error_percent']) == 1
     report = (out / 'summary.md').read_text()
     assert '| 8 |' in report and '| epoch | seconds | test error % |' in report
+    assert 'host side alone of the same functions' in report
 
 
 @pytest.mark.parametrize('flags, fragment', [
