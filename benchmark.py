@@ -145,9 +145,11 @@ def profile(model, optimizer, x, t, args, synchronize):
 
     ``functions_ms``: milliseconds per step of each Chainer function type,
     forward and backward together (TimerHook synchronises around every
-    function, so these add up to more than an unhooked step);
-    ``host_functions_ms``: the same functions' host side alone (no
-    synchronisation: on the GPU, what Python and the kernel launches cost);
+    function and counts the functions a backward pass calls in it as well,
+    ReLUGrad2 inside ReLU's, so these add up to more than an unhooked
+    step); ``host_functions_ms``: the same functions' host side alone, each
+    without the functions it calls (no synchronisation: on the GPU, what
+    Python and the kernel launches cost);
     ``function_calls``: Chainer function calls in a forward and backward
     pass; ``update_ms``: Adam's update; ``host_ms``: a step without waiting
     for the device (the Python and launch side alone; on the CPU the same

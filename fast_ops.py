@@ -678,3 +678,55 @@ class SquaredError(function_node.FunctionNode):
 def squared_error(y, target):
     """sum((y - target)^2) / B for y (B, P), in one node."""
     return SquaredError(target).apply((y,))[0]
+
+
+class Decoder(function_node.FunctionNode):
+    """Fig. 2's decoder in one node: FC ReLU, FC ReLU, FC sigmoid.
+
+    Inputs: h (B, N0) and, per layer l, Chainer's Linear weights W_l
+    (N_l, N_l-1) and bias b_l (N_l,). Output: (B, N_3) in (0, 1). Same
+    arithmetic as ``nets.Decoder`` (the sigmoid as Chainer computes it,
+    0.5 tanh(a / 2) + 0.5; ReLU's gradient where its output is positive).
+    """
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 7)
+        h = in_types[0]
+        type_check.expect(h.dtype.kind == 'f', h.ndim == 2)
+        for W, b in (in_types[1:3], in_types[3:5], in_types[5:7]):
+            type_check.expect(W.dtype == h.dtype, b.dtype == h.dtype,
+                              W.ndim == 2, b.ndim == 1,
+                              b.shape[0] == W.shape[0])
+
+    def forward(self, inputs):
+        xp = backend.get_array_module(inputs[0])
+        h, W1, b1, W2, b2, W3, b3 = inputs
+        r1 = xp.maximum(h @ W1.T + b1, 0)
+        r2 = xp.maximum(r1 @ W2.T + b2, 0)
+        y = xp.tanh((r2 @ W3.T + b3) * h.dtype.type(0.5))
+        y *= h.dtype.type(0.5)
+        y += h.dtype.type(0.5)
+        self.activations = (h, r1, r2, y)
+        self.weights = (W1, W2, W3)
+        return y,
+
+    def backward(self, indexes, grad_outputs):
+        h, r1, r2, y = self.activations
+        W1, W2, W3 = self.weights
+        g3 = grad_outputs[0].array * y * (1 - y)
+        g2 = (g3 @ W3) * (r2 > 0)
+        g1 = (g2 @ W2) * (r1 > 0)
+        grads = {0: g1 @ W1, 1: g1.T @ h, 2: g1.sum(axis=0),
+                 3: g2.T @ r1, 4: g2.sum(axis=0),
+                 5: g3.T @ r2, 6: g3.sum(axis=0)}
+        self.activations = self.weights = None
+        return tuple(chainer.Variable(grads[i]) for i in indexes)
+
+
+def decoder(h, layers):
+    """(B, N0) -> (B, N3) through three layers [(W_l, b_l)] (a
+    ``nets.Decoder``'s Linear weights and biases), in one node."""
+    inputs = [h]
+    for W, b in layers:
+        inputs += [W, b]
+    return Decoder().apply(inputs)[0]

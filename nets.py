@@ -8,9 +8,9 @@ Two implementations of the same network share one set of parameters:
 - the plain path, built from stock Chainer functions (runs on NumPy or CuPy);
 - the fast path (`fast_ops`), custom FunctionNodes laid out so that the
   BLAS does the work and Chainer has few nodes to run: on the CPU every
-  layer; on the GPU all but the convolutions and the decoder's layers (the
-  prediction vectors with the routing, squash, the margin loss with the
-  lengths, the mask and the reconstruction error are one node each). It is
+  layer; on the GPU all but the convolutions (the prediction vectors with
+  the routing, squash, the margin loss with the lengths, the mask, the
+  decoder and the reconstruction error are one node each). It is
   chosen by default; ``fast=False`` keeps the plain path selectable for
   comparison.
 """
@@ -200,6 +200,11 @@ class Decoder(chainer.Chain):
             self.fc2 = L.Linear(512, 1024)
             self.fc3 = L.Linear(1024, n_pixels)
 
+    def layers(self):
+        """[(W, b)] of the three layers, first to last."""
+        return [(layer.W, layer.b) for layer in (self.fc1, self.fc2,
+                                                 self.fc3)]
+
     def forward(self, h):
         h = F.relu(self.fc1(h))
         h = F.relu(self.fc2(h))
@@ -349,7 +354,8 @@ class CapsNet(chainer.Chain):
     def reconstruction(self, v, labels):
         """Decoder output (B, S*S) for v (B, J, D) masked by labels (B,)."""
         if self._use_fast():
-            return self.decoder(fast_ops.mask(v, labels))
+            return fast_ops.decoder(fast_ops.mask(v, labels),
+                                    self.decoder.layers())
         return self.decoder(mask(v, labels))
 
     def _margin_loss(self, v, present):

@@ -93,9 +93,9 @@ def build_parser():
         default=datasets.IMAGE_SIZE,
         help='side of the (zero-padded) input images')
     add('--impl', default='auto', choices=['auto', 'fast', 'plain'],
-        help='fast kernels (fast_ops: every layer on the CPU; on the GPU all '
-             'but the convolutions and the decoder) or stock Chainer functions '
-             '(plain); auto: fast, except for the baseline on the GPU')
+        help='fast kernels (fast_ops: every layer on the CPU, all but the '
+             'convolutions on the GPU) or stock Chainer functions (plain); '
+             'auto: fast, except for the baseline on the GPU')
     add('--eval-batchsize', type=cli.positive_int, default=200,
         help='examples per evaluation step')
     add('--snapshot-keep', type=cli.positive_int, default=2,

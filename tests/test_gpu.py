@@ -191,6 +191,38 @@ def test_capsule_head_gradient_check_on_device(gpu_device, name):
                                   atol=1e-6, rtol=1e-5)
 
 
+def test_decoder_node_matches_cpu(gpu_device):
+    numpy.random.seed(0)
+    chain = nets.Decoder(160, 784)
+    chain_on_device = chain.copy(mode='copy')
+    chain_on_device.to_device(gpu_device)
+    inputs = [random(3, 160, scale=0.3)]
+    results = []
+    for device, where in ((CPU, chain), (gpu_device, chain_on_device)):
+        where.cleargrads()
+        outputs, grads = run_unit(
+            device, lambda h: fast_ops.decoder(h, where.layers()), inputs)
+        results.append(outputs + grads + [to_cpu(p.grad)
+                                          for p in where.params()])
+    for expected, actual in zip(*results):
+        numpy.testing.assert_allclose(actual, expected, **UNIT_TOLERANCE)
+
+
+def test_decoder_node_gradient_check_on_device(gpu_device):
+    numpy.random.seed(1)
+    chain = nets.Decoder(20, 30)
+    params = [gpu_device.send(array.array.astype(numpy.float64) + 0.01)
+              for layer in chain.layers() for array in layer]
+    h = gpu_device.send(random(3, 20, dtype=numpy.float64))
+    gy = gpu_device.send(random(3, 30, seed=4, dtype=numpy.float64))
+
+    def function(h, W1, b1, W2, b2, W3, b3):
+        return fast_ops.decoder(h, [(W1, b1), (W2, b2), (W3, b3)])
+
+    gradient_check.check_backward(function, (h, *params), gy,
+                                  dtype=numpy.float64, atol=1e-6, rtol=1e-5)
+
+
 def capsnet_loss_and_grads(model, device, x, t):
     model = model.copy(mode='copy')
     model.to_device(device)
