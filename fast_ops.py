@@ -18,9 +18,14 @@ contiguous so that OpenBLAS does the work:
   by every broadcast. It is written with the NumPy API alone and runs on
   CuPy arrays as well: it is the GPU path's routing (the convolutions there
   stay Chainer's own).
+- ``squash_capsules``, ``margin_loss``, ``mask``, ``decoder``,
+  ``squared_error``: the rest of the network, one node each, also written
+  with the NumPy API alone: on the GPU they cut the number of Chainer
+  function calls a step pays host time for.
 
 The parameters are the plain path's (Chainer's (O, C, kh, kw) convolution
-weights and W of shape (I, J, D, K)), so one model file serves both paths.
+weights, W of shape (I, J, D, K), the decoder's Linear weights), so one
+model file serves both paths.
 Backward passes return first-order gradients only (no double backprop).
 """
 import contextlib
@@ -521,15 +526,16 @@ def digit_capsules(u, W, n_iterations):
 
 
 # --------------------------------------------------------------------------
-# Capsule heads: one node each, on both devices
+# Capsule heads and decoder: one node each, on both devices
 # --------------------------------------------------------------------------
 #
 # Chainer spends tens of microseconds of host time on every function node,
 # forward and backward, and on the GPU that host time, not the arithmetic,
-# is what a training step waits for (docs/gpu.md). The plain path spells
-# squash, the lengths with the margin loss, the mask and the reconstruction
-# error as about 36 small nodes; these four nodes do the same arithmetic
-# with the NumPy API alone (so on NumPy and CuPy arrays alike).
+# is what a training step waits for (docs/gpu.md). Stock functions spell
+# the primary capsules' squash, the lengths with the margin loss, the mask,
+# the decoder and the reconstruction error as 40 nodes; these five nodes do
+# the same arithmetic with the NumPy API alone (so on NumPy and CuPy arrays
+# alike).
 
 class SquashCapsules(function_node.FunctionNode):
     """A convolution's output regrouped into capsules, then squashed (Eq. 1).

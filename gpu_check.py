@@ -185,6 +185,9 @@ class Check:
             '--collect-only'], 'gpu_tests_collect.log', 60, env)
         tests = [line.strip() for line in output.splitlines()
                  if '::' in line and ' ' not in line.strip()]
+        self.summary['steps']['gpu_tests_collect']['result'] = \
+            '{} slow tests'.format(len(tests))
+        self.save_summary()
         if status == 0 and tests:
             self.run_together('gpu_tests_slow', [
                 pytest[:-1] + [test] for test in tests],

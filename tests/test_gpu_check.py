@@ -36,6 +36,7 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert all(step['status'] == 0 for step in steps.values()), steps
     assert 'passed' in steps['gpu_tests']['result']
     # the slow-test step: one pytest per test, at once, a log each
+    assert steps['gpu_tests_collect']['result'] == '2 slow tests'
     assert steps['gpu_tests_slow']['result'].count('1 passed') == 2, steps
     for number in (0, 1):
         log = (out / 'gpu_tests_slow-{}.log'.format(number)).read_text()
