@@ -240,53 +240,51 @@ class Check:
             'log': '{}-N.log'.format(step), 'result': '; '.join(results)}
         self.save_summary()
 
+    def run_benchmark(self, name, batch, more=(), env=None):
+        """benchmark.py on this check's device at one batch size (step
+        ``name``, log name.log); its JSON line as a dict, None if it
+        failed."""
+        repeats = ['--repeats', '1', '--warmup', '1'] if self.args.dry_run \
+            else ['--repeats', '20', '--warmup', '3']
+        status, output = self.run(
+            name, [sys.executable, 'benchmark.py', '--device',
+                   self.args.device, '-b', str(batch), '--json'] + repeats +
+            list(more), name + '.log', 300, env)
+        return json.loads(output.strip().splitlines()[-1]) if status == 0 \
+            else None
+
     def benchmark(self):
         args = self.args
-        repeats = ['--repeats', '1', '--warmup', '1'] if args.dry_run else \
-            ['--repeats', '20', '--warmup', '3']
         self.summary['benchmark'] = {}
         for batch in args.batchsizes:
             name = 'benchmark-{}'.format(batch)
-            profile = ['--profile'] if batch == args.batchsizes[0] else []
-            status, output = self.run(
-                name, [sys.executable, 'benchmark.py', '--device', args.device,
-                       '-b', str(batch), '--json'] + repeats + profile,
-                name + '.log', 300)
-            row = {}
-            if status == 0:
-                row = json.loads(output.strip().splitlines()[-1])
+            first = batch == args.batchsizes[0]
+            row = self.run_benchmark(name, batch,
+                                     ['--profile'] if first else []) or {}
+            if row:
                 self.write(name + '.json', json.dumps(row, indent=1) + '\n')
-            if batch == args.batchsizes[0]:
+            if first:
                 # the routing's other contraction (auto picks broadcast on
                 # the GPU): which is faster there is this figure's question
-                status, output = self.run(
-                    name + '-einsum', [sys.executable, 'benchmark.py',
-                                       '--device', args.device, '-b',
-                                       str(batch), '--json', '--no-plain',
-                                       '--routing-contraction', 'einsum'] +
-                    repeats, name + '-einsum.log', 300)
-                if status == 0:
-                    row['einsum_train_samples_per_s'] = json.loads(
-                        output.strip().splitlines()[-1])[
-                            'train_samples_per_s']
+                einsum = self.run_benchmark(
+                    name + '-einsum', batch,
+                    ['--no-plain', '--routing-contraction', 'einsum'])
+                if einsum:
+                    row['einsum_train_samples_per_s'] = \
+                        einsum['train_samples_per_s']
             if not args.dry_run:
                 # TF32 tensor cores for CuPy's matrix products, as PyTorch
                 # allows them for cuDNN convolutions by default
-                status, output = self.run(
-                    name + '-tf32', [sys.executable, 'benchmark.py',
-                                     '--device', args.device, '-b',
-                                     str(batch), '--json', '--no-plain'] +
-                    repeats, name + '-tf32.log', 300, {'CUPY_TF32': '1'})
-                if status == 0:
-                    tf32 = json.loads(output.strip().splitlines()[-1])
+                tf32 = self.run_benchmark(name + '-tf32', batch,
+                                          ['--no-plain'], {'CUPY_TF32': '1'})
+                if tf32:
                     row['tf32_train_samples_per_s'] = \
                         tf32['train_samples_per_s']
                     row['tf32_eval_samples_per_s'] = \
                         tf32['eval_samples_per_s']
             if args.torch_ref:
                 # torch.compile takes about a minute: once, at the first size
-                row.update(self.torch_reference(
-                    batch, compiled=batch == args.batchsizes[0]))
+                row.update(self.torch_reference(batch, compiled=first))
             self.summary['benchmark'][str(batch)] = row
             self.save_summary()
 

@@ -116,8 +116,8 @@ def margin_loss(lengths, t, m_plus=M_PLUS, m_minus=M_MINUS,
     Returns:
         scalar Variable.
     """
-    xp = backend.get_array_module(lengths)
-    present = xp.eye(lengths.shape[1], dtype=lengths.dtype)[t]
+    present = one_hot(t, lengths.shape[1], backend.get_array_module(lengths),
+                      lengths.dtype)
     return margin_loss_present(lengths, present, m_plus, m_minus,
                                lambda_absent)
 
@@ -136,6 +136,11 @@ def margin_loss_present(lengths, present, m_plus=M_PLUS, m_minus=M_MINUS,
             + lambda_absent * (1 - present)
             * F.square(F.relu(lengths - m_minus)))
     return F.sum(loss) / lengths.shape[0]
+
+
+def one_hot(t, n_classes, xp=numpy, dtype=numpy.float32):
+    """(B, J) with a one at each label of t (B,)."""
+    return xp.eye(n_classes, dtype=dtype)[t]
 
 
 def two_hot(t1, t2, n_classes, xp=numpy, dtype=numpy.float32):
@@ -182,7 +187,7 @@ def mask(v, labels):
         (B, J * D), zero except for the label's D entries.
     """
     xp = backend.get_array_module(v)
-    keep = xp.eye(v.shape[1], dtype=v.dtype)[labels]
+    keep = one_hot(labels, v.shape[1], xp, v.dtype)
     return F.reshape(v * F.broadcast_to(keep[:, :, None], v.shape),
                      (v.shape[0], -1))
 
@@ -395,7 +400,7 @@ class CapsNet(chainer.Chain):
         predicted one at test time.
         """
         v = self.capsules(x)
-        present = self.xp.eye(self.n_classes, dtype=v.dtype)[t]
+        present = one_hot(t, self.n_classes, self.xp, v.dtype)
         loss, lengths = self._margin_loss(v, present)
         prediction = lengths.argmax(axis=1)
         observation = {'margin_loss': loss,
