@@ -4,6 +4,7 @@
     python benchmark.py --batchsize 100 --json
     python benchmark.py --device @cupy:0 --batchsize 100 --json    # GPU 0
     python benchmark.py --device @cupy:0 --profile                 # where to?
+    python benchmark.py --device @cupy:0 --kernel-profile trace.json.gz
 
 Both implementations run in this one process on the same parameters and
 data, after warm-up, over several repeats; the median is reported. A
@@ -51,6 +52,12 @@ def parse_args(argv=None):
         help='also break a fast training step down by Chainer function '
              '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '
              'and time the host side of a step alone')
+    add('--kernel-profile', metavar='TRACE', default=None,
+        help="also record a few fast training steps' GPU kernels with "
+             "PyTorch's profiler (needs PyTorch), each charged to the "
+             "Chainer function that launched it; writes the Chrome trace "
+             "to TRACE (gzip if it ends with .gz) and a summary to the "
+             "output")
     add('--json', action='store_true',
         help='end with one line holding a JSON object')
     add('--default-malloc', action='store_true',
@@ -212,6 +219,41 @@ def profile(model, optimizer, x, t, args, synchronize):
             'host_ms': round(1000 * host_s, 3)}
 
 
+def kernel_profile(model, optimizer, x, t, args, synchronize):
+    """The GPU's side of a fast training step (kernel_profile.py), as a
+    dict for the JSON line; prints the figures."""
+    import kernel_profile as kernels
+
+    def step():
+        model.cleargrads()
+        model(x, t).backward()
+        with kernels.annotate('optimizer.update'):
+            optimizer.update()
+
+    for _ in range(max(1, args.warmup)):
+        step()
+    steps = min(args.repeats, 5)   # a few steps keep the trace small
+    trace, wall = kernels.record(step, steps, synchronize,
+                                 args.kernel_profile)
+    summary = kernels.summarize_trace(trace, steps, wall)
+    print('GPU side of a fast training step (PyTorch profiler, {} steps; '
+          'trace in {}):'.format(steps, args.kernel_profile))
+    print('  {device_ops_per_step} device operations, {device_ms_per_step} '
+          'ms of them; GPU busy {busy_ms_per_step} of {wall_ms_per_step} ms '
+          '({idle_percent}% idle)'.format(**summary))
+    if not summary['device_ops_per_step']:
+        print('  no device operations recorded (none on the CPU; on a GPU, '
+              "the profiler did not see CuPy's kernels)")
+        return summary
+    print('  by Chainer function (ms, operations per step):')
+    for name, (ms, count) in list(summary['by_range'].items())[:15]:
+        print('    {:44s} {:9.3f} {:7.1f}'.format(name, ms, count))
+    print('  longest device operations (ms, calls per step):')
+    for name, ms, count in summary['top_ops'][:10]:
+        print('    {:44s} {:9.3f} {:7.1f}'.format(name[:44], ms, count))
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -219,6 +261,17 @@ def main(argv=None):
         for var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS',
                     'MKL_NUM_THREADS'):
             os.environ[var] = str(args.threads)
+    if args.kernel_profile:
+        # a missing profiler or folder is found before the slow part
+        # (and after --threads: torch loads NumPy)
+        cli.check_writable(os.path.dirname(os.path.abspath(
+            args.kernel_profile)), '--kernel-profile')
+        try:
+            import torch.profiler  # noqa: F401
+        except ImportError:
+            cli.fail('--kernel-profile needs PyTorch, whose profiler reads '
+                     "the GPU's kernels (pip install torch); leave the flag "
+                     'out to run without it')
     import numpy
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
@@ -315,6 +368,10 @@ def main(argv=None):
         model.fast = True
         result['profile'] = profile(model, optimizer, x, t, args,
                                     synchronize)
+    if args.kernel_profile:
+        model.fast = True
+        result['kernel_profile'] = kernel_profile(model, optimizer, x, t,
+                                                  args, synchronize)
     seconds_per_epoch = datasets.TRAIN_SIZE / train
     print('fast path, {:,} training images: about {:.1f} min/epoch of '
           'training steps (evaluation extra)'.format(datasets.TRAIN_SIZE,

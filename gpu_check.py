@@ -15,7 +15,9 @@ as it exists (so an interrupted check keeps what it measured):
    --json`` (the fast and the plain path), and beside it the PyTorch
    reference's training samples/s, eager and torch.compile, on the same GPU
    (torch-B-eager.txt, torch-B-compile.txt) when --torch-ref is given and
-   PyTorch can use the GPU;
+   PyTorch can use the GPU; at the first size also the GPU's side of a
+   step, kernel by kernel (``benchmark.py --kernel-profile``, through
+   PyTorch's profiler, kernel-trace-B.json.gz) where PyTorch is importable;
 4. train/: ``train.py --device D --reconstruct`` on full MNIST (60,000 /
    10,000) for as many epochs as the time left allows, judged from the
    benchmark's speed (at least one), then evaluate.py and visualize.py on
@@ -31,6 +33,7 @@ import cli
 if __name__ == '__main__':  # first: see cli.py
     cli.exit_on_signals_while_importing()
 
+import importlib.util
 import json
 import os
 import platform
@@ -250,8 +253,20 @@ class Check:
             name, [sys.executable, 'benchmark.py', '--device',
                    self.args.device, '-b', str(batch), '--json'] + repeats +
             list(more), name + '.log', 300, env)
-        return json.loads(output.strip().splitlines()[-1]) if status == 0 \
-            else None
+        if status != 0:
+            return None
+        # the JSON line is the last one on stdout; libraries may write
+        # after it on stderr (PyTorch's profiler does), which the log holds
+        # after stdout
+        for line in reversed(output.splitlines()):
+            if line.startswith('{'):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    break
+        self.summary['steps'][name]['status'] = 'exit 0 without a JSON line'
+        self.save_summary()
+        return None
 
     def benchmark(self):
         args = self.args
@@ -272,6 +287,8 @@ class Check:
                 if einsum:
                     row['einsum_train_samples_per_s'] = \
                         einsum['train_samples_per_s']
+            if first:
+                row.update(self.kernel_profile(name, batch))
             if not args.dry_run:
                 # TF32 tensor cores for CuPy's matrix products, as PyTorch
                 # allows them for cuDNN convolutions by default
@@ -287,6 +304,22 @@ class Check:
                 row.update(self.torch_reference(batch, compiled=first))
             self.summary['benchmark'][str(batch)] = row
             self.save_summary()
+
+    def kernel_profile(self, name, batch):
+        """The GPU's side of a fast training step, kernel by kernel
+        (benchmark.py --kernel-profile, through PyTorch's profiler): where
+        the GPU is busy, and how much of a step it waits for the host."""
+        if importlib.util.find_spec('torch') is None:
+            return {'kernel_profile': {
+                'skipped': 'PyTorch is not importable here'}}
+        trace = 'kernel-trace-{}.json.gz'.format(batch)
+        result = self.run_benchmark(
+            name + '-kernels', batch,
+            ['--no-plain', '--kernel-profile', self.path(trace)])
+        if not result:
+            return {}
+        return {'kernel_profile': dict(result['kernel_profile'],
+                                       trace=trace)}
 
     def torch_reference(self, batch, compiled):
         device = 'cpu' if self.args.dry_run else 'cuda'
@@ -400,6 +433,27 @@ class Check:
                           'step, not synchronised): {}'.format(', '.join(
                               '{} {}'.format(k, v) for k, v in list(
                                   profile['host_functions_ms'].items())[:8]))]
+        kernels = s.get('benchmark', {}).get(
+            str(self.args.batchsizes[0]), {}).get('kernel_profile')
+        if kernels and 'skipped' in kernels:
+            lines += ['', 'GPU kernels of a step: not recorded ({})'.format(
+                kernels['skipped'])]
+        elif kernels:
+            lines += ['', 'GPU side of a fast training step at batch {} '
+                      '(PyTorch profiler, trace in {}): {} device operations '
+                      '({} ms) per step; the GPU busy {} ms of {} ms ({}% '
+                      'idle); by Chainer function (ms, operations): {}; '
+                      'longest operations (ms, calls): {}'.format(
+                          self.args.batchsizes[0], kernels['trace'],
+                          kernels['device_ops_per_step'],
+                          kernels['device_ms_per_step'],
+                          kernels['busy_ms_per_step'],
+                          kernels['wall_ms_per_step'],
+                          kernels['idle_percent'], ', '.join(
+                              '{} {} ({})'.format(k, ms, n) for k, (ms, n)
+                              in list(kernels['by_range'].items())[:10]),
+                          ', '.join('{} {} ({})'.format(k, ms, n)
+                                    for k, ms, n in kernels['top_ops'][:8]))]
         training = s.get('training', {})
         if training.get('epochs_done'):
             lines += ['', 'full-MNIST training, --reconstruct: {} epochs'

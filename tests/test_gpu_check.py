@@ -1,5 +1,6 @@
 """gpu_check.py: its CPU dry run goes through every step and writes the
 summary; bad flags are one line."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,10 +30,13 @@ def test_dry_run_goes_through_every_step(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['dry_run'] and summary['device'] == '@numpy'
     steps = summary['steps']
+    # the kernel profile runs where PyTorch is importable (not in CI)
+    has_torch = importlib.util.find_spec('torch') is not None
     assert set(steps) == {'environment', 'benchmark-8', 'benchmark-8-einsum',
                           'gpu_tests',
                           'gpu_tests_collect', 'gpu_tests_slow', 'train',
-                          'evaluate', 'visualize'}
+                          'evaluate', 'visualize'} | (
+                              {'benchmark-8-kernels'} if has_torch else set())
     assert all(step['status'] == 0 for step in steps.values()), steps
     assert 'passed' in steps['gpu_tests']['result']
     # the slow-test step: one pytest per test, at once, a log each
@@ -52,6 +56,14 @@ def test_dry_run_goes_through_every_step(tmp_path):
     report = (out / 'summary.md').read_text()
     assert '| 8 |' in report and '| epoch | seconds | test error % |' in report
     assert 'host side alone of the same functions' in report
+    if has_torch:
+        assert row['kernel_profile']['steps'] == 1
+        assert (out / row['kernel_profile']['trace']).exists()
+        assert 'GPU side of a fast training step at batch 8' in report
+    else:
+        assert row['kernel_profile'] == {
+            'skipped': 'PyTorch is not importable here'}
+        assert 'GPU kernels of a step: not recorded' in report
 
 
 @pytest.mark.parametrize('flags, fragment', [
@@ -103,3 +115,29 @@ def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
     assert not alive(grandchild)
     assert (tmp_path / 'o' / 'slow-1.log').read_text().endswith('1 passed\n')
     assert not list((tmp_path / 'o').glob('*.tmp'))
+
+
+@pytest.mark.parametrize('output, expected', [
+    ('fast : train\n{"train_samples_per_s": 5.0}\n', {'train_samples_per_s':
+                                                      5.0}),
+    # PyTorch's profiler writes to stderr, which the log holds after stdout
+    ('{"a": 1}\nERROR:2026 DeviceProperties.cpp:56] gpuGetDeviceCount\n',
+     {'a': 1}),
+    ('fast : train\n', None),
+    ('{"cut short\n', None),
+])
+def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
+                                           monkeypatch):
+    import gpu_check
+    check = gpu_check.Check(gpu_check.parse_args(
+        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+
+    def run(step, command, log, timeout, env=None):
+        check.summary['steps'][step] = {'status': 0}
+        return 0, output
+
+    monkeypatch.setattr(check, 'run', run)
+    assert check.run_benchmark('benchmark-8', 8) == expected
+    status = check.summary['steps']['benchmark-8']['status']
+    # a step that printed no result is not counted as a success
+    assert status == (0 if expected else 'exit 0 without a JSON line')
