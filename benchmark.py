@@ -48,6 +48,10 @@ def parse_args(argv=None):
         choices=['auto', 'einsum', 'broadcast'],
         help="how the fast routing contracts u_hat (fast_ops.ROUTING_EINSUM): "
              "auto picks einsum on the CPU, broadcast-and-sum on the GPU")
+    add('--gpu-kernels', action='store_true',
+        help="on the GPU, squash and the routing's contractions through "
+             "fast_ops' CuPy kernels (fast_ops.GPU_KERNELS; off by default "
+             "until timed on a GPU)")
     add('--profile', action='store_true',
         help='also break a fast training step down by Chainer function '
              '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '
@@ -283,6 +287,7 @@ def main(argv=None):
     kept = False if args.default_malloc else fast_ops.keep_freed_memory()
     fast_ops.ROUTING_EINSUM = {'auto': None, 'einsum': True,
                                'broadcast': False}[args.routing_contraction]
+    fast_ops.GPU_KERNELS = args.gpu_kernels
 
     args.device = cli.device_spec(args.device)
     try:
@@ -321,6 +326,7 @@ def main(argv=None):
     result = {'batchsize': args.batchsize,
               'eval_batchsize': len(x_eval), 'routing': args.routing,
               'routing_contraction': args.routing_contraction,
+              'gpu_kernels': args.gpu_kernels,
               'repeats': args.repeats,
               'threads': args.threads or 'default',
               'keep_freed_memory': kept,

@@ -356,14 +356,86 @@ def _squash_scale(squared):
     return squared / ((1 + squared) * xp.sqrt(squared + EPSILON))
 
 
+# --------------------------------------------------------------------------
+# CuPy kernels for squash and the routing's contractions (GPU_KERNELS)
+# --------------------------------------------------------------------------
+#
+# Through the NumPy API each step of squash and of its gradient is a kernel
+# of its own (8 forward, about 20 backward, most of them on B x J values,
+# so each is mostly a launch the host pays for), and each contraction with
+# u_hat writes a temporary of u_hat's size before summing it. These CuPy
+# kernels do each in one launch and without the temporaries. Their bodies
+# are kept as text here so that the tests can run the same arithmetic on
+# the CPU (tests/test_fast_ops.py reads them with NumPy stand-ins); on a GPU
+# tests/test_gpu.py compares them with the NumPy-API forms. Written in a
+# session without a GPU: off until timed on one (benchmark.py --gpu-kernels;
+# gpu_check.py times both).
+GPU_KERNELS = False
+
+# ReductionKernel: sum over the given axes of x * y (inputs broadcast)
+DOT_KERNEL = ('T x, T y', 'T z', 'x * y', 'a + b', 'z = a', '0')
+# ElementwiseKernels: (inputs, output, body); one statement per line
+SQUASH_KERNEL = ('T q, T s, T eps', 'T v',
+                 'v = q / ((1 + q) * sqrt(q + eps)) * s;')
+SQUASH_GRAD_KERNEL = ('T q, T sg, T s, T gv, T eps', 'T gs', """
+    const T root = sqrt(q + eps);
+    const T den = (1 + q) * root;
+    const T d_den = root + (1 + q) / (2 * root);
+    const T d_scale = (den - q * d_den) / (den * den);
+    gs = q / den * gv + 2 * d_scale * s * sg;
+""")
+
+
+def outer_sum_kernel(terms):
+    """ElementwiseKernel text of sum_k w_k * v_k over ``terms`` pairs."""
+    return (', '.join('T w{0}, T v{0}'.format(k) for k in range(terms)),
+            'T g', 'g = {};'.format(' + '.join(
+                'w{0} * v{0}'.format(k) for k in range(terms))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_kernels():
+    cupy = chainer.backends.cuda.cupy
+
+    @functools.lru_cache(maxsize=None)
+    def outer_sum(terms):
+        return cupy.ElementwiseKernel(
+            *outer_sum_kernel(terms),
+            name='capsnet_outer_sum_{}'.format(terms))
+
+    class Kernels:
+        dot = cupy.ReductionKernel(*DOT_KERNEL, name='capsnet_dot')
+        squash = cupy.ElementwiseKernel(*SQUASH_KERNEL, name='capsnet_squash')
+        squash_grad = cupy.ElementwiseKernel(*SQUASH_GRAD_KERNEL,
+                                             name='capsnet_squash_grad')
+    Kernels.outer_sum = staticmethod(outer_sum)
+    return Kernels
+
+
+def _kernels_for(xp):
+    """The CuPy kernels where they apply (CuPy arrays, GPU_KERNELS on),
+    else None: the NumPy-API forms."""
+    return _cupy_kernels() if GPU_KERNELS and xp is not numpy else None
+
+
 def squash_forward(s):
     """(..., D) -> squashed (..., D), as nets.squash."""
+    kernels = _kernels_for(backend.get_array_module(s))
+    if kernels:
+        return kernels.squash(kernels.dot(s, s, axis=-1, keepdims=True), s,
+                              s.dtype.type(EPSILON))
     return _squash_scale((s * s).sum(axis=-1, keepdims=True)) * s
 
 
 def squash_backward(s, gv):
     """Gradient of squash at s for the output gradient gv, both (..., D)."""
     xp = backend.get_array_module(s)
+    kernels = _kernels_for(xp)
+    if kernels:
+        return kernels.squash_grad(
+            kernels.dot(s, s, axis=-1, keepdims=True),
+            kernels.dot(s, gv, axis=-1, keepdims=True), s, gv,
+            s.dtype.type(EPSILON))
     q = (s * s).sum(axis=-1, keepdims=True)
     root = xp.sqrt(q + EPSILON)
     denominator = (1 + q) * root
@@ -392,6 +464,9 @@ def sum_over_inputs(weights, u_hat):
     xp = backend.get_array_module(u_hat)
     if _use_einsum(xp):
         return xp.einsum('ibj,ibjd->bjd', weights, u_hat)
+    kernels = _kernels_for(xp)
+    if kernels:
+        return kernels.dot(weights[..., None], u_hat, axis=0)
     return (weights[..., None] * u_hat).sum(axis=0)
 
 
@@ -400,6 +475,9 @@ def agreement(u_hat, vectors):
     xp = backend.get_array_module(u_hat)
     if _use_einsum(xp):
         return xp.einsum('ibjd,bjd->ibj', u_hat, vectors)
+    kernels = _kernels_for(xp)
+    if kernels:
+        return kernels.dot(u_hat, vectors[None], axis=3)
     return (u_hat * vectors).sum(axis=3)
 
 
@@ -417,6 +495,12 @@ def outer_sum(weights, vectors, batched_gemm):
     if batched_gemm:
         return xp.matmul(xp.stack(weights, axis=-1)[..., None, :],
                          xp.stack(vectors, axis=-2))[..., 0, :]
+    kernels = _kernels_for(xp)
+    if kernels:
+        pairs = []
+        for w, vector in zip(weights, vectors):
+            pairs += [w[..., None], vector]
+        return kernels.outer_sum(len(weights))(*pairs)
     total = weights[0][..., None] * vectors[0]
     for w, vector in zip(weights[1:], vectors[1:]):
         total += w[..., None] * vector

@@ -12,7 +12,8 @@ as it exists (so an interrupted check keeps what it measured):
 2. gpu_tests.log, gpu_tests_slow-N.log: ``CAPSNET_TEST_GPU=1 python -m
    pytest -q -m gpu``, the slow tests each in its own process, at once;
 3. benchmark-B.json for B in --batchsizes: ``benchmark.py --device D -b B
-   --json`` (the fast and the plain path), and beside it the PyTorch
+   --json`` (the fast and the plain path; at the first size also with the
+   einsum contraction and with --gpu-kernels), and beside it the PyTorch
    reference's training samples/s, eager and torch.compile, on the same GPU
    (torch-B-eager.txt, torch-B-compile.txt) when --torch-ref is given and
    PyTorch can use the GPU; at the first size also the GPU's side of a
@@ -287,6 +288,16 @@ class Check:
                 if einsum:
                     row['einsum_train_samples_per_s'] = \
                         einsum['train_samples_per_s']
+                # fast_ops' CuPy kernels for squash and the contractions,
+                # off by default until this figure says they are faster
+                kernels = self.run_benchmark(
+                    name + '-gpu-kernels', batch, ['--no-plain',
+                                                   '--gpu-kernels'])
+                if kernels:
+                    row['gpu_kernels_train_samples_per_s'] = \
+                        kernels['train_samples_per_s']
+                    row['gpu_kernels_eval_samples_per_s'] = \
+                        kernels['eval_samples_per_s']
             if first:
                 row.update(self.kernel_profile(name, batch))
             if not args.dry_run:
@@ -406,6 +417,8 @@ class Check:
             ('ours plain train/s', 'plain_train_samples_per_s'),
             ('ours fast, einsum routing train/s',
              'einsum_train_samples_per_s'),
+            ('ours fast, GPU kernels train/s',
+             'gpu_kernels_train_samples_per_s'),
             ('ours fast, TF32 train/s', 'tf32_train_samples_per_s'),
             ('PyTorch eager train/s', 'torch_eager_samples_per_s'),
             ('PyTorch compiled train/s', 'torch_compile_samples_per_s'),

@@ -101,6 +101,102 @@ def test_digit_capsules_contractions_agree(iterations, monkeypatch):
         (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
+# -- the CuPy kernels' arithmetic, run on the CPU --------------------------
+#
+# fast_ops keeps each GPU kernel's body as text. These stand-ins run that
+# very text with NumPy (each C statement is also a Python one once its
+# declaration and semicolon are dropped), so the bodies and the code that
+# calls them (axes, broadcasting, argument order) are checked here; on a GPU
+# tests/test_gpu.py checks the compiled kernels against the NumPy-API forms.
+
+def elementwise_stand_in(in_params, out_params, body):
+    names = [param.split()[-1] for param in in_params.split(',')]
+    output = out_params.split()[-1]
+
+    def kernel(*args):
+        assert len(args) == len(names)
+        scope = dict(zip(names, args))
+        for statement in body.split(';'):
+            statement = statement.strip()
+            if statement.startswith('const T '):
+                statement = statement[len('const T '):]
+            if statement:
+                exec(statement, {'sqrt': numpy.sqrt}, scope)
+        return scope[output]
+    return kernel
+
+
+class StandInKernels:
+    squash = staticmethod(elementwise_stand_in(*fast_ops.SQUASH_KERNEL))
+    squash_grad = staticmethod(elementwise_stand_in(
+        *fast_ops.SQUASH_GRAD_KERNEL))
+
+    @staticmethod
+    def dot(x, y, axis, keepdims=False):
+        # the ReductionKernel: map x * y, reduce a + b from 0, z = a
+        assert fast_ops.DOT_KERNEL[2:] == ('x * y', 'a + b', 'z = a', '0')
+        return (x * y).sum(axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def outer_sum(terms):
+        return elementwise_stand_in(*fast_ops.outer_sum_kernel(terms))
+
+
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    """fast_ops takes its GPU-kernel branches, with the stand-ins, on
+    NumPy arrays (and the broadcast contractions, as on CuPy)."""
+    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
+    monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', False)
+
+
+def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
+    s = random(4, 10, 16, scale=0.5).astype(numpy.float64)
+    s[0, 0] = 0          # the gradient stays finite at zero
+    gv = random(4, 10, 16, seed=1).astype(numpy.float64)
+    expected = fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv)
+    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
+    actual = fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        numpy.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-15)
+    assert numpy.isfinite(actual[1]).all()
+
+
+def test_gpu_kernel_outer_sum_equals_the_batched_product(stand_in_kernels):
+    weights = [random(6, 2, 3, seed=k) for k in range(5)]
+    vectors = [random(2, 3, 4, seed=10 + k) for k in range(5)]
+    numpy.testing.assert_allclose(
+        fast_ops.outer_sum(weights, vectors, batched_gemm=False),
+        fast_ops.outer_sum(weights, vectors, batched_gemm=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize('iterations', [1, 3])
+def test_digit_capsules_with_gpu_kernel_bodies(iterations, stand_in_kernels):
+    """The routing node through the kernels' branches: the plain path's
+    output, coupling and gradients, and the gradient check."""
+    u = random(2, 6, 4, scale=0.5)
+    W = random(6, 3, 5, 4, seed=1, scale=0.5)
+    gy = random(2, 3, 5, seed=2)
+    u_var, W_var = chainer.Variable(u), chainer.Variable(W)
+    v, c = fast_ops.digit_capsules(u_var, W_var, iterations)
+    v.grad = gy
+    v.backward()
+    u_ref, W_ref = chainer.Variable(u), chainer.Variable(W)
+    v_ref, c_ref = nets.dynamic_routing(nets.prediction_vectors(u_ref, W_ref),
+                                        iterations)
+    v_ref.grad = gy
+    v_ref.backward()
+    for actual, expected in [(v.array, v_ref.array), (c, c_ref.array),
+                             (u_var.grad, u_ref.grad),
+                             (W_var.grad, W_ref.grad)]:
+        numpy.testing.assert_allclose(actual, expected, rtol=1e-10,
+                                      atol=1e-13)
+    gradient_check.check_backward(
+        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
 def test_squash_backward_is_finite_at_zero():
     s = numpy.zeros((2, 16))
     g = fast_ops.squash_backward(s, numpy.ones_like(s))
@@ -257,11 +353,17 @@ def test_decoder_node_gradient_check():
                                   dtype=numpy.float64, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kernels', [False, True],
+                         ids=['numpy-api', 'gpu-kernel-bodies'])
 @pytest.mark.parametrize('options', [{}, {'share_weights': True,
                                           'routing': 2}])
-def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options):
+def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options, kernels,
+                                                            request):
     """On the GPU the fast path keeps Chainer's convolutions around the
-    fused nodes; the same arrangement, run here on the CPU."""
+    fused nodes; the same arrangement, run here on the CPU (also through
+    the GPU kernels' branches, with their stand-ins)."""
+    if kernels:
+        request.getfixturevalue('stand_in_kernels')
     numpy.random.seed(0)
     model = nets.CapsNet(**options)
     model._hwbc_convolutions = lambda: False

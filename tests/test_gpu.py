@@ -125,14 +125,50 @@ def test_margin_loss_and_mask_match_cpu(gpu_device):
     numpy.testing.assert_array_equal(to_cpu(masked.array), expected)
 
 
+@pytest.fixture(params=[False, True], ids=['numpy-api', 'gpu-kernels'])
+def gpu_kernels(request, monkeypatch):
+    """fast_ops.GPU_KERNELS off and on (the CuPy kernels apply to CuPy
+    arrays only: with CAPSNET_TEST_DEVICE=@numpy both runs are the same)."""
+    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', request.param)
+    return request.param
+
+
+def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
+    s, gv = (gpu_device.send(random(6, 10, 16, seed=k, scale=0.5))
+             for k in range(2))
+    u_hat = gpu_device.send(random(12, 6, 10, 16, seed=2, scale=0.5))
+    c = gpu_device.send(random(12, 6, 10, seed=3))
+    weights = [gpu_device.send(random(12, 6, 10, seed=4 + k))
+               for k in range(5)]
+    vectors = [gpu_device.send(random(6, 10, 16, seed=9 + k))
+               for k in range(5)]
+    monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', False)
+
+    def results():
+        return [fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv),
+                fast_ops.sum_over_inputs(c, u_hat),
+                fast_ops.agreement(u_hat, s),
+                fast_ops.outer_sum(weights, vectors, batched_gemm=False)]
+
+    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', False)
+    expected = results()
+    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', True)
+    for actual, wanted in zip(results(), expected):
+        assert actual.shape == wanted.shape
+        numpy.testing.assert_allclose(to_cpu(actual), to_cpu(wanted),
+                                      **UNIT_TOLERANCE)
+
+
 @pytest.mark.parametrize('name', ['squash', 'routing', 'fast_routing'])
-def test_gradient_check_on_device(gpu_device, name):
+def test_gradient_check_on_device(gpu_device, name, gpu_kernels):
     def routing(u, W):
         return nets.dynamic_routing(nets.prediction_vectors(u, W), 3)[0]
 
     def fast_routing(u, W):
         return fast_ops.digit_capsules(u, W, 3)[0]
 
+    if gpu_kernels and name != 'fast_routing':
+        pytest.skip('the GPU kernels serve the fast routing only')
     if name == 'squash':
         function, inputs, out_shape = nets.squash, [random(3, 4, 5)], (3, 4, 5)
     else:
@@ -181,7 +217,8 @@ def test_capsule_head_matches_cpu(gpu_device, name):
 
 
 @pytest.mark.parametrize('name', HEADS)
-def test_capsule_head_gradient_check_on_device(gpu_device, name):
+def test_capsule_head_gradient_check_on_device(gpu_device, name,
+                                               gpu_kernels):
     function, shape = capsule_heads(gpu_device)[name]
     x = gpu_device.send(random(*shape, seed=3, scale=0.4,
                                dtype=numpy.float64))
@@ -261,7 +298,8 @@ def test_capsnet_plain_path_on_device_matches_cpu(gpu_device):
                                  NETWORK_TOLERANCE)
 
 
-def test_fast_path_on_device_matches_plain_on_device(gpu_device):
+def test_fast_path_on_device_matches_plain_on_device(gpu_device,
+                                                     gpu_kernels):
     numpy.random.seed(0)
     plain = nets.CapsNet(reconstruct=True, fast=False)
     fast = plain.copy(mode='copy')

@@ -33,7 +33,7 @@ def test_dry_run_goes_through_every_step(tmp_path):
     # the kernel profile runs where PyTorch is importable (not in CI)
     has_torch = importlib.util.find_spec('torch') is not None
     assert set(steps) == {'environment', 'benchmark-8', 'benchmark-8-einsum',
-                          'gpu_tests',
+                          'benchmark-8-gpu-kernels', 'gpu_tests',
                           'gpu_tests_collect', 'gpu_tests_slow', 'train',
                           'evaluate', 'visualize'} | (
                               {'benchmark-8-kernels'} if has_torch else set())
@@ -50,6 +50,7 @@ def test_dry_run_goes_through_every_step(tmp_path):
     row = summary['benchmark']['8']
     assert row['train_samples_per_s'] > 0 and row['profile']['functions_ms']
     assert row['einsum_train_samples_per_s'] > 0
+    assert row['gpu_kernels_train_samples_per_s'] > 0
     assert row['profile']['function_calls'] > 0
     assert summary['training']['epochs_done'] == 1
     assert len(summary['training']['test_error_percent']) == 1
