@@ -498,9 +498,53 @@ def test_divergence_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
                                   '-o', str(tmp_path / 'out')])
     assert info.value.code == 1
     line = one_error_line(capsys.readouterr().err)
-    for fragment in ('diverged at epoch 0.67, iteration 2',
+    for fragment in ('diverged: a parameter became NaN or inf (found at '
+                     'epoch 0.67, iteration 2)',
                      'lower --alpha (now 0.001)', '--resume'):
         assert fragment in line, line
+
+
+def fake_trainer(xp, iteration, is_new_epoch, broken):
+    """What FailOnNonNumber reads of a trainer: its updater's optimizers,
+    their targets' parameters and array module, the iteration."""
+    model = nets.CapsNet(routing=1)
+    if broken:
+        model.W.array[0, 0, 0, 0] = numpy.inf
+    # xp stands for CuPy when it is not numpy itself
+    target = types.SimpleNamespace(xp=xp, params=model.params)
+    optimizer = types.SimpleNamespace(target=target)
+    updater = types.SimpleNamespace(
+        iteration=iteration, is_new_epoch=is_new_epoch,
+        get_all_optimizers=lambda: {'main': optimizer})
+    return types.SimpleNamespace(updater=updater)
+
+
+# the NumPy functions the check calls, in a module that is not numpy
+GPU_LIKE = types.SimpleNamespace(isfinite=numpy.isfinite, stack=numpy.stack)
+
+
+@pytest.mark.parametrize('xp, iteration, is_new_epoch, checked', [
+    (numpy, 7, False, True),          # CPU: every iteration
+    (GPU_LIKE, 7, False, False),      # GPU: not between the intervals,
+    (GPU_LIKE, 200, False, True),     # at every 100th iteration
+    (GPU_LIKE, 7, True, True),        # and at each epoch's end
+], ids=['cpu', 'gpu-between', 'gpu-interval', 'gpu-epoch-end'])
+def test_divergence_check_reads_the_gpu_back_rarely(xp, iteration,
+                                                    is_new_epoch, checked):
+    check = training_extensions.FailOnNonNumber(gpu_interval=100)
+    check(fake_trainer(xp, iteration, is_new_epoch, broken=False))
+    broken = fake_trainer(xp, iteration, is_new_epoch, broken=True)
+    if checked:
+        with pytest.raises(RuntimeError, match='diverge'):
+            check(broken)
+    else:
+        check(broken)
+
+
+def test_divergence_check_runs_before_the_snapshot():
+    import chainer.training.extensions as extensions
+    snapshot = extensions.snapshot()
+    assert training_extensions.FailOnNonNumber.priority > snapshot.priority
 
 
 # --------------------------------------------------------------------------
