@@ -369,7 +369,9 @@ class Check:
         # keep a minute for evaluate.py and visualize.py afterwards
         epochs = 1 if args.dry_run else self.epochs_that_fit(
             self.seconds_left() - 75)
-        self.summary['training'] = {'epochs_planned': epochs}
+        self.summary['training'] = {'epochs_planned': epochs,
+                                    'train_size': 300 if args.dry_run
+                                    else 60000}
         status, _ = self.run(
             'train', [sys.executable, 'train.py', '--device', args.device,
                       '--data-dir', args.data_dir, '--reconstruct',
@@ -414,6 +416,8 @@ class Check:
                     step, s['steps'][step].get('result', ''))]
         columns = [
             ('ours fast train/s', 'train_samples_per_s'),
+            ('ours fast train/s, steps back to back',
+             'train_back_to_back_samples_per_s'),
             ('ours plain train/s', 'plain_train_samples_per_s'),
             ('ours fast, einsum routing train/s',
              'einsum_train_samples_per_s'),
@@ -477,6 +481,14 @@ class Check:
                       for i, (sec, err) in enumerate(zip(
                           training['seconds_per_epoch'],
                           training['test_error_percent']))]
+            speed = s.get('benchmark', {}).get('100', {}).get(
+                'train_samples_per_s')
+            if speed:
+                # what an epoch costs beyond its steps: data, checks,
+                # the test pass, snapshot and plots
+                lines += ['', "the benchmark's training speed at batch 100 "
+                          '({} samples/s) gives {:.1f} s of steps per epoch'
+                          .format(speed, training['train_size'] / speed)]
         self.write('summary.md', '\n'.join(lines) + '\n')
 
 

@@ -35,6 +35,16 @@ def test_host_timer_counts_nested_calls_once(monkeypatch):
     assert timer.running == []
 
 
+def test_back_to_back_timing_synchronises_once_at_each_end(monkeypatch):
+    ticks = iter([10.0, 14.0])
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: next(ticks))
+    calls = []
+    seconds = benchmark.time_back_to_back(
+        lambda: calls.append('step'), 4, lambda: calls.append('sync'))
+    assert calls == ['sync'] + ['step'] * 4 + ['sync']
+    assert seconds == 1.0
+
+
 def test_profile_is_in_the_json_line():
     result = subprocess.run(
         [sys.executable, 'benchmark.py', '-b', '2', '--repeats', '1',

@@ -468,3 +468,4 @@ def test_benchmark_on_device_prints_its_json_line(gpu_device):
     assert line['plain_train_samples_per_s'] > 0
     if gpu_device.xp is not numpy:
         assert line['peak_gpu_mb'] > 0 and line['gpu']
+        assert line['train_back_to_back_samples_per_s'] > 0

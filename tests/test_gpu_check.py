@@ -142,3 +142,20 @@ def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
     status = check.summary['steps']['benchmark-8']['status']
     # a step that printed no result is not counted as a success
     assert status == (0 if expected else 'exit 0 without a JSON line')
+
+
+def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
+    import gpu_check
+    check = gpu_check.Check(gpu_check.parse_args(
+        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+    check.summary.update(
+        environment={'gpu': 'a GPU'},
+        benchmark={'100': {'train_samples_per_s': 6000.0}},
+        training={'epochs_planned': 2, 'train_size': 60000, 'epochs_done': 2,
+                  'seconds_per_epoch': [16.2, 16.4],
+                  'test_error_percent': [1.15, 0.79]})
+    check.report()
+    report = (tmp_path / 'o' / 'summary.md').read_text()
+    assert '| 2 | 16.4 | 0.79 |' in report
+    assert ('training speed at batch 100 (6000.0 samples/s) gives 10.0 s of '
+            'steps per epoch') in report
