@@ -55,6 +55,10 @@ def parse_args(argv=None):
         help="on the GPU, squash and the routing's contractions through "
              "fast_ops' CuPy kernels (fast_ops.GPU_KERNELS; off by default "
              "until timed on a GPU)")
+    add('--gpu-convolutions', action='store_true',
+        help="on the GPU, the convolutions through fast_ops' NCHW node "
+             "instead of Chainer's (fast_ops.GPU_CONVOLUTIONS; off by "
+             "default until timed on a GPU)")
     add('--profile', action='store_true',
         help='also break a fast training step down by Chainer function '
              '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '
@@ -310,6 +314,7 @@ def main(argv=None):
     fast_ops.ROUTING_EINSUM = {'auto': None, 'einsum': True,
                                'broadcast': False}[args.routing_contraction]
     fast_ops.GPU_KERNELS = args.gpu_kernels
+    fast_ops.GPU_CONVOLUTIONS = args.gpu_convolutions
 
     args.device = cli.device_spec(args.device)
     try:
@@ -349,6 +354,7 @@ def main(argv=None):
               'eval_batchsize': len(x_eval), 'routing': args.routing,
               'routing_contraction': args.routing_contraction,
               'gpu_kernels': args.gpu_kernels,
+              'gpu_convolutions': args.gpu_convolutions,
               'repeats': args.repeats,
               'threads': args.threads or 'default',
               'keep_freed_memory': kept,

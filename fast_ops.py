@@ -17,11 +17,14 @@ contiguous so that OpenBLAS does the work:
   u_hat (B x 1152 x 10 x 16) is read a few times instead of being copied
   by every broadcast. It is written with the NumPy API alone and runs on
   CuPy arrays as well: it is the GPU path's routing (the convolutions there
-  stay Chainer's own).
+  stay Chainer's own unless GPU_CONVOLUTIONS).
 - ``squash_capsules``, ``margin_loss``, ``mask``, ``decoder``,
   ``squared_error``: the rest of the network, one node each, also written
   with the NumPy API alone: on the GPU they cut the number of Chainer
   function calls a step pays host time for.
+- Off until timed on a GPU: ``GPU_KERNELS`` (CuPy kernels for squash and
+  the routing's contractions) and ``GPU_CONVOLUTIONS`` (``conv2d_nchw``, a
+  convolution for the GPU without Chainer's extra copies of the columns).
 
 The parameters are the plain path's (Chainer's (O, C, kh, kw) convolution
 weights, W of shape (I, J, D, K), the decoder's Linear weights), so one
@@ -38,7 +41,7 @@ from numpy.lib.stride_tricks import as_strided
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import backend, function_node
-from chainer.utils import type_check
+from chainer.utils import conv, type_check
 
 EPSILON = 1e-7
 
@@ -337,6 +340,93 @@ def conv2d_hwbc(x, W, b, stride=1, method='im2col'):
     """
     node = {'im2col': Conv2DIm2col, 'dft': Conv2DDFT}[method](stride)
     return node.apply((x, W, b))[0]
+
+
+# --------------------------------------------------------------------------
+# Convolution on (N, C, H, W) arrays for the GPU (GPU_CONVOLUTIONS)
+# --------------------------------------------------------------------------
+#
+# Without cuDNN, Chainer convolves on the GPU through im2col: the column
+# array (N, C, kh, kw, OH, OW), 298 MB for PrimaryCaps at batch 100, is
+# copied again by tensordot into a GEMM layout, built and copied a second
+# time for the weight gradient, and the input gradient's columns are copied
+# once more (rollaxis) before col2im: three function nodes and about nine
+# passes over that size per step. This node keeps the columns in the layout
+# its GEMMs read, (C kh kw, N OH OW): one gather forward, the weight
+# gradient a GEMM with a transposed operand, and one copy into col2im's
+# layout backward. Written with the NumPy API and Chainer's im2col / col2im
+# helpers, so the CPU tests check all of it; off until timed on a GPU
+# (benchmark.py --gpu-convolutions; gpu_check.py times both).
+GPU_CONVOLUTIONS = False
+
+
+def _as_strided(xp):
+    if xp is numpy:
+        return as_strided
+    return xp.lib.stride_tricks.as_strided
+
+
+class Conv2DNCHW(function_node.FunctionNode):
+    """Convolution without padding of x (N, C, H, W) with Chainer's weights
+    W (O, C, kh, kw) and bias b (O,), stride s: y (N, O, OH, OW), as
+    ``F.convolution_2d(x, W, b, stride=s)``."""
+
+    def __init__(self, stride=1):
+        self.stride = stride
+
+    def check_type_forward(self, in_types):
+        type_check.expect(in_types.size() == 3)
+        x, W, b = in_types
+        type_check.expect(x.dtype.kind == 'f', W.dtype == x.dtype,
+                          b.dtype == x.dtype, x.ndim == 4, W.ndim == 4,
+                          b.ndim == 1, x.shape[1] == W.shape[1],
+                          b.shape[0] == W.shape[0])
+
+    def forward(self, inputs):
+        x, W, b = inputs
+        xp = backend.get_array_module(x)
+        n, c, h, w = x.shape
+        out_c, _, kh, kw = W.shape
+        s = self.stride
+        oh, ow = (h - kh) // s + 1, (w - kw) // s + 1
+        x = xp.ascontiguousarray(x)
+        sn, sc, sh, sw = x.strides
+        # column (c, i, j, b, y, x) = x[b, c, s y + i, s x + j]
+        self.columns = xp.ascontiguousarray(_as_strided(xp)(
+            x, (c, kh, kw, n, oh, ow),
+            (sc, sh, sw, sn, s * sh, s * sw))).reshape(c * kh * kw, -1)
+        self.x_shape = x.shape
+        self.retain_inputs((1,))
+        y = (W.reshape(out_c, -1) @ self.columns).reshape(out_c, n, oh, ow)
+        return y.transpose(1, 0, 2, 3) + b[:, None, None],
+
+    def backward(self, indexes, grad_outputs):
+        W = self.get_retained_inputs()[0].array
+        gy = grad_outputs[0].array
+        xp = backend.get_array_module(gy)
+        n, out_c, oh, ow = gy.shape
+        _, c, kh, kw = W.shape
+        g_rows = xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(
+            out_c, -1)                                     # (O, N OH OW)
+        grads = {}
+        if 0 in indexes:
+            g_columns = (W.reshape(out_c, -1).T @ g_rows).reshape(
+                c, kh, kw, n, oh, ow)
+            grads[0] = conv.col2im(
+                xp.ascontiguousarray(g_columns.transpose(3, 0, 1, 2, 4, 5)),
+                self.stride, self.stride, 0, 0, *self.x_shape[2:])
+        if 1 in indexes:
+            grads[1] = (g_rows @ self.columns.T).reshape(W.shape)
+        if 2 in indexes:
+            grads[2] = g_rows.sum(axis=1)
+        self.columns = None
+        return tuple(chainer.Variable(grads[i]) if i in grads else None
+                     for i in indexes)
+
+
+def conv2d_nchw(x, W, b, stride=1):
+    """(N, C, H, W) -> (N, O, OH, OW) through Conv2DNCHW."""
+    return Conv2DNCHW(stride).apply((x, W, b))[0]
 
 
 # --------------------------------------------------------------------------

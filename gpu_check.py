@@ -13,7 +13,8 @@ as it exists (so an interrupted check keeps what it measured):
    pytest -q -m gpu``, the slow tests each in its own process, at once;
 3. benchmark-B.json for B in --batchsizes: ``benchmark.py --device D -b B
    --json`` (the fast and the plain path; at the first size also with the
-   einsum contraction and with --gpu-kernels), and beside it the PyTorch
+   einsum contraction, --gpu-kernels, --gpu-convolutions and both), and
+   beside it the PyTorch
    reference's training samples/s, eager and torch.compile, on the same GPU
    (torch-B-eager.txt, torch-B-compile.txt) when --torch-ref is given and
    PyTorch can use the GPU; at the first size also the GPU's side of a
@@ -298,6 +299,20 @@ class Check:
                         kernels['train_samples_per_s']
                     row['gpu_kernels_eval_samples_per_s'] = \
                         kernels['eval_samples_per_s']
+                # fast_ops' NCHW convolution node instead of Chainer's, alone
+                # and with the kernels: off by default until these say
+                for tag, flags in (('gpu_convolutions', ['--gpu-convolutions']),
+                                   ('gpu_both', ['--gpu-convolutions',
+                                                 '--gpu-kernels'])):
+                    other = self.run_benchmark(
+                        '{}-{}'.format(name, tag.replace('_', '-')), batch,
+                        ['--no-plain'] + flags)
+                    if other:
+                        row[tag + '_train_samples_per_s'] = \
+                            other['train_samples_per_s']
+                        if 'train_back_to_back_samples_per_s' in other:
+                            row[tag + '_back_to_back_samples_per_s'] = \
+                                other['train_back_to_back_samples_per_s']
             if first:
                 row.update(self.kernel_profile(name, batch))
             if not args.dry_run:
@@ -423,6 +438,11 @@ class Check:
              'einsum_train_samples_per_s'),
             ('ours fast, GPU kernels train/s',
              'gpu_kernels_train_samples_per_s'),
+            ('ours fast, GPU convolutions train/s',
+             'gpu_convolutions_train_samples_per_s'),
+            ('ours fast, both train/s', 'gpu_both_train_samples_per_s'),
+            ('ours fast, both, back to back',
+             'gpu_both_back_to_back_samples_per_s'),
             ('ours fast, TF32 train/s', 'tf32_train_samples_per_s'),
             ('PyTorch eager train/s', 'torch_eager_samples_per_s'),
             ('PyTorch compiled train/s', 'torch_compile_samples_per_s'),

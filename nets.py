@@ -329,7 +329,13 @@ class CapsNet(chainer.Chain):
             split = (grid, grid, batch, N_PRIMARY_TYPES, PRIMARY_DIM)
             axes = (2, 3, 0, 1, 4)
         else:
-            h = self.primary(self._activation(self.conv1(x)))
+            if self._use_fast() and fast_ops.GPU_CONVOLUTIONS:
+                h = fast_ops.conv2d_nchw(x, self.conv1.W, self.conv1.b)
+                h = fast_ops.conv2d_nchw(
+                    self._activation(h), self.primary.W, self.primary.b,
+                    stride=self.primary.stride[0])
+            else:
+                h = self.primary(self._activation(self.conv1(x)))
             # (B, types, K, grid, grid) -> (B, types, grid, grid, K)
             split = (batch, N_PRIMARY_TYPES, PRIMARY_DIM, grid, grid)
             axes = (0, 1, 3, 4, 2)

@@ -9,6 +9,7 @@ import pytest
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
+import chainer.functions as F
 from chainer import gradient_check
 
 import fast_ops
@@ -99,6 +100,42 @@ def test_digit_capsules_contractions_agree(iterations, monkeypatch):
     gradient_check.check_backward(
         lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
         (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
+
+
+# -- the GPU's optional convolution node (GPU_CONVOLUTIONS), on the CPU ----
+
+@pytest.mark.parametrize('x_shape, W_shape, stride', [
+    ((3, 4, 11, 13), (5, 4, 3, 3), 1),
+    ((3, 4, 11, 13), (5, 4, 3, 2), 2),
+    ((2, 6, 20, 20), (8, 6, 9, 9), 2),       # PrimaryCaps' geometry
+    ((2, 1, 28, 28), (4, 1, 9, 9), 1),       # conv1's
+])
+@pytest.mark.parametrize('dtype, tolerance', [
+    (numpy.float64, dict(rtol=1e-12, atol=1e-12)),
+    (numpy.float32, dict(rtol=1e-5, atol=1e-5))], ids=['float64', 'float32'])
+def test_nchw_convolution_equals_chainers(x_shape, W_shape, stride, dtype,
+                                          tolerance):
+    inputs = [random(*x_shape), random(*W_shape, seed=1, scale=0.3),
+              random(W_shape[0], seed=2)]
+    results = []
+    for function in (fast_ops.conv2d_nchw, F.convolution_2d):
+        variables = [chainer.Variable(a.astype(dtype)) for a in inputs]
+        y = function(*variables, stride=stride)
+        y.grad = random(*y.shape, seed=3).astype(dtype)
+        y.backward()
+        results.append([y.array] + [v.grad for v in variables])
+    for ours, chainers in zip(*results):
+        assert ours.shape == chainers.shape and ours.dtype == dtype
+        numpy.testing.assert_allclose(ours, chainers, **tolerance)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_nchw_convolution_gradient_check(stride):
+    x, W, b = random(2, 3, 8, 7), random(4, 3, 3, 3, seed=1), random(4, seed=2)
+    gy = random(2, 4, (8 - 3) // stride + 1, (7 - 3) // stride + 1, seed=3)
+    gradient_check.check_backward(
+        lambda x, W, b: fast_ops.conv2d_nchw(x, W, b, stride=stride),
+        (x, W, b), gy, dtype=numpy.float64, atol=1e-6, rtol=1e-5)
 
 
 # -- the CuPy kernels' arithmetic, run on the CPU --------------------------
@@ -353,23 +390,33 @@ def test_decoder_node_gradient_check():
                                   dtype=numpy.float64, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize('kernels', [False, True],
-                         ids=['numpy-api', 'gpu-kernel-bodies'])
+@pytest.mark.parametrize('variant', ['numpy-api', 'gpu-kernel-bodies',
+                                     'gpu-convolutions'])
 @pytest.mark.parametrize('options', [{}, {'share_weights': True,
                                           'routing': 2}])
-def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options, kernels,
-                                                            request):
+def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options, variant,
+                                                            request,
+                                                            monkeypatch):
     """On the GPU the fast path keeps Chainer's convolutions around the
     fused nodes; the same arrangement, run here on the CPU (also through
-    the GPU kernels' branches, with their stand-ins)."""
-    if kernels:
+    the GPU kernels' branches, with their stand-ins, and with the optional
+    NCHW convolution node instead of Chainer's)."""
+    if variant == 'gpu-kernel-bodies':
         request.getfixturevalue('stand_in_kernels')
+    monkeypatch.setattr(fast_ops, 'GPU_CONVOLUTIONS',
+                        variant == 'gpu-convolutions')
+    convolutions = []
+    conv2d_nchw = fast_ops.conv2d_nchw
+    monkeypatch.setattr(fast_ops, 'conv2d_nchw', lambda *args, **kwargs: (
+        convolutions.append(1), conv2d_nchw(*args, **kwargs))[1])
     numpy.random.seed(0)
     model = nets.CapsNet(**options)
     model._hwbc_convolutions = lambda: False
     x = numpy.random.rand(3, 1, 28, 28).astype(numpy.float32)
     t = numpy.array([1, 5, 7], dtype=numpy.int32)
     results = both_paths(model, x, t)
+    # the two convolutions of the one fast pass went through the node
+    assert len(convolutions) == (2 if variant == 'gpu-convolutions' else 0)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
     for name, grad in results[False][1].items():
         scale = numpy.abs(grad).max() + 1e-12

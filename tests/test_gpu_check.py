@@ -33,7 +33,9 @@ def test_dry_run_goes_through_every_step(tmp_path):
     # the kernel profile runs where PyTorch is importable (not in CI)
     has_torch = importlib.util.find_spec('torch') is not None
     assert set(steps) == {'environment', 'benchmark-8', 'benchmark-8-einsum',
-                          'benchmark-8-gpu-kernels', 'gpu_tests',
+                          'benchmark-8-gpu-kernels',
+                          'benchmark-8-gpu-convolutions',
+                          'benchmark-8-gpu-both', 'gpu_tests',
                           'gpu_tests_collect', 'gpu_tests_slow', 'train',
                           'evaluate', 'visualize'} | (
                               {'benchmark-8-kernels'} if has_torch else set())
@@ -51,6 +53,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert row['train_samples_per_s'] > 0 and row['profile']['functions_ms']
     assert row['einsum_train_samples_per_s'] > 0
     assert row['gpu_kernels_train_samples_per_s'] > 0
+    assert row['gpu_convolutions_train_samples_per_s'] > 0
+    assert row['gpu_both_train_samples_per_s'] > 0
     assert row['profile']['function_calls'] > 0
     assert summary['training']['epochs_done'] == 1
     assert len(summary['training']['test_error_percent']) == 1
