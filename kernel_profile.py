@@ -152,7 +152,7 @@ def summarize_trace(trace, steps, wall_s, top=15):
     longest first).
     """
     events = [e for e in trace.get('traceEvents', [])
-              if isinstance(e, dict) and e.get('ph') == 'X']
+              if isinstance(e, dict) and e.get('ph') == 'X' and 'ts' in e]
     device = [e for e in events if e.get('cat') in DEVICE_CATEGORIES]
     launch_ts = {}
     for e in events:
@@ -160,8 +160,8 @@ def summarize_trace(trace, steps, wall_s, top=15):
             correlation = (e.get('args') or {}).get('correlation')
             if correlation is not None:
                 launch_ts[correlation] = float(e['ts'])
-    ranges = sorted((float(e['ts']), float(e['ts']) + float(e['dur']),
-                     e['name']) for e in events
+    ranges = sorted((float(e['ts']), float(e['ts']) + float(e.get('dur', 0)),
+                     e.get('name', '?')) for e in events
                     if e.get('cat') == RANGE_CATEGORY)
     starts = [r[0] for r in ranges]
 
