@@ -108,13 +108,11 @@ def _weight_matrix(W):
         -1, W.shape[0])
 
 
-class _ConvolutionHWBC(function_node.FunctionNode):
-    """Shared checks for convolutions on (H, W, B, C) arrays.
+class _Convolution(function_node.FunctionNode):
+    """Stride and input checks shared by the convolution nodes: x with its
+    channels on axis ``channel_axis``, W (O, C, kh, kw), b (O,)."""
 
-    Inputs: x (H, W, B, C), W (O, C, kh, kw), b (O,).
-    Output: (OH, OW, B, O). Batch-inside-space means a GEMM whose rows are
-    (oh, ow, b) writes the next layer's input layout directly.
-    """
+    channel_axis = None
 
     def __init__(self, stride=1):
         self.stride = stride
@@ -124,8 +122,19 @@ class _ConvolutionHWBC(function_node.FunctionNode):
         x, W, b = in_types
         type_check.expect(x.dtype.kind == 'f', W.dtype == x.dtype,
                           b.dtype == x.dtype, x.ndim == 4, W.ndim == 4,
-                          b.ndim == 1, x.shape[3] == W.shape[1],
-                          b.shape[0] == W.shape[0])
+                          b.ndim == 1, x.shape[self.channel_axis] ==
+                          W.shape[1], b.shape[0] == W.shape[0])
+
+
+class _ConvolutionHWBC(_Convolution):
+    """Convolutions on (H, W, B, C) arrays.
+
+    Inputs: x (H, W, B, C), W (O, C, kh, kw), b (O,).
+    Output: (OH, OW, B, O). Batch-inside-space means a GEMM whose rows are
+    (oh, ow, b) writes the next layer's input layout directly.
+    """
+
+    channel_axis = 3
 
     def _output_shape(self, x_shape, W_shape):
         height, width, batch, _ = x_shape
@@ -366,21 +375,12 @@ def _as_strided(xp):
     return xp.lib.stride_tricks.as_strided
 
 
-class Conv2DNCHW(function_node.FunctionNode):
+class Conv2DNCHW(_Convolution):
     """Convolution without padding of x (N, C, H, W) with Chainer's weights
     W (O, C, kh, kw) and bias b (O,), stride s: y (N, O, OH, OW), as
     ``F.convolution_2d(x, W, b, stride=s)``."""
 
-    def __init__(self, stride=1):
-        self.stride = stride
-
-    def check_type_forward(self, in_types):
-        type_check.expect(in_types.size() == 3)
-        x, W, b = in_types
-        type_check.expect(x.dtype.kind == 'f', W.dtype == x.dtype,
-                          b.dtype == x.dtype, x.ndim == 4, W.ndim == 4,
-                          b.ndim == 1, x.shape[1] == W.shape[1],
-                          b.shape[0] == W.shape[0])
+    channel_axis = 1
 
     def forward(self, inputs):
         x, W, b = inputs

@@ -138,6 +138,19 @@ def test_nchw_convolution_gradient_check(stride):
         (x, W, b), gy, dtype=numpy.float64, atol=1e-6, rtol=1e-5)
 
 
+def test_convolution_nodes_check_the_channels_on_their_own_axis():
+    from chainer.utils.type_check import InvalidType
+    W, b = random(4, 3, 3, 3), random(4)
+    with pytest.raises(InvalidType):
+        fast_ops.conv2d_nchw(random(1, 2, 8, 8), W, b)       # 2 channels
+    with pytest.raises(InvalidType):
+        fast_ops.conv2d_hwbc(random(8, 8, 1, 2), W, b)
+    assert fast_ops.conv2d_nchw(random(1, 3, 8, 8), W, b).shape == (
+        1, 4, 6, 6)
+    assert fast_ops.conv2d_hwbc(random(8, 8, 1, 3), W, b).shape == (
+        6, 6, 1, 4)
+
+
 # -- the CuPy kernels' arithmetic, run on the CPU --------------------------
 #
 # fast_ops keeps each GPU kernel's body as text. These stand-ins run that
