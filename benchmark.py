@@ -296,9 +296,10 @@ def main(argv=None):
         # (and after --threads: torch loads NumPy)
         cli.check_writable(os.path.dirname(os.path.abspath(
             args.kernel_profile)), '--kernel-profile')
+        import kernel_profile as kernels
         try:
-            import torch.profiler  # noqa: F401
-        except ImportError:
+            kernels.require_torch()
+        except kernels.MissingTorch:
             cli.fail('--kernel-profile needs PyTorch, whose profiler reads '
                      "the GPU's kernels (pip install torch); leave the flag "
                      'out to run without it')

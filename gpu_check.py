@@ -304,7 +304,6 @@ class Check:
                                 'train_back_to_back_samples_per_s'):
                         if other and key in other:
                             row['{}_{}'.format(tag, key)] = other[key]
-            if first:
                 row.update(self.kernel_profile(name, batch))
             if not args.dry_run:
                 # TF32 tensor cores for CuPy's matrix products, as PyTorch

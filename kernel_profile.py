@@ -2,7 +2,7 @@
 
 PyTorch's profiler reads the device's activity through CUPTI, which sees
 every kernel the process launches, CuPy's as well as PyTorch's. While it
-records, ``chainer_ranges`` marks each Chainer function's forward and
+records, a function hook marks each Chainer function's forward and
 backward call as a named range, so each kernel can be charged to the
 function that launched it. ``summarize_trace`` reads the Chrome trace the
 profiler writes and answers the question a speed-up starts from: how much
@@ -15,10 +15,13 @@ import bisect
 import gzip
 import json
 import os
+import tempfile
 import time
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
+
+import model_io
 
 # Chrome-trace categories of PyTorch's profiler (Kineto)
 DEVICE_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
@@ -31,7 +34,8 @@ class MissingTorch(RuntimeError):
     """PyTorch (its profiler) is not importable."""
 
 
-def _torch():
+def require_torch():
+    """PyTorch, with its profiler loaded; MissingTorch if it cannot be."""
     try:
         import torch
         import torch.profiler  # noqa: F401
@@ -72,17 +76,16 @@ class _Ranges(chainer.FunctionHook):
         self._leave()
 
 
-def record(step, steps, synchronize, trace_path, ranges=()):
+def record(step, steps, synchronize, trace_path):
     """Run ``step()`` ``steps`` times under PyTorch's profiler.
 
     Each Chainer function call becomes a range named ``Function.forward`` /
-    ``Function.backward``; ``ranges`` are (name, callable) pairs that a
-    step calls, each recorded as a range of its own (the optimizer's
-    update). Writes the Chrome trace to ``trace_path`` (gzip if it ends
-    with .gz) and returns ``(trace dict, wall seconds of the steps)``.
-    Raises MissingTorch without PyTorch.
+    ``Function.backward`` (a step may open ranges of its own with
+    ``annotate``). Writes the Chrome trace to ``trace_path`` (gzip if it
+    ends with .gz) through ``model_io.atomic_write`` and returns ``(trace
+    dict, wall seconds of the steps)``. Raises MissingTorch without PyTorch.
     """
-    torch = _torch()
+    torch = require_torch()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -95,28 +98,20 @@ def record(step, steps, synchronize, trace_path, ranges=()):
                 step()
             synchronize()
             wall = time.perf_counter() - start
-    tmp = trace_path + '.tmp.json'
-    profiler.export_chrome_trace(tmp)
-    with open(tmp) as f:
-        trace = json.load(f)
-    os.remove(tmp)
-    write_trace(trace, trace_path)
-    return trace, wall
-
-
-def write_trace(trace, path):
-    """Write a trace dict as JSON, gzip-compressed if path ends with .gz,
-    atomically (a temporary file renamed into place)."""
-    tmp = path + '.tmp'
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(tmp, 'wt') as f:
-        json.dump(trace, f)
-    os.replace(tmp, path)
+    # the profiler writes its trace only to a path
+    with tempfile.TemporaryDirectory() as folder:
+        exported = os.path.join(folder, 'trace.json')
+        profiler.export_chrome_trace(exported)
+        with open(exported, 'rb') as f:
+            data = f.read()
+    model_io.atomic_write(trace_path, lambda f: f.write(
+        gzip.compress(data) if trace_path.endswith('.gz') else data))
+    return json.loads(data), wall
 
 
 def annotate(name):
     """A profiler range around a block (``with annotate('update'): ...``)."""
-    return _torch().profiler.record_function(name)
+    return require_torch().profiler.record_function(name)
 
 
 def _union_us(intervals):
