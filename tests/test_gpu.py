@@ -143,19 +143,13 @@ def gpu_convolutions(request, monkeypatch):
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_nchw_convolution_matches_chainers_on_device(gpu_device, stride):
-    inputs = [gpu_device.send(a) for a in (
-        random(3, 6, 20, 20, scale=0.5), random(8, 6, 9, 9, seed=1,
-                                               scale=0.1), random(8, seed=2))]
-    results = []
-    for function in (fast_ops.conv2d_nchw, chainer.functions.convolution_2d):
-        variables = [chainer.Variable(a.copy()) for a in inputs]
-        y = function(*variables, stride=stride)
-        y.grad = gpu_device.send(random(*y.shape, seed=3))
-        y.backward()
-        results.append([y.array] + [v.grad for v in variables])
-    for ours, chainers in zip(*results):
-        numpy.testing.assert_allclose(to_cpu(ours), to_cpu(chainers),
-                                      **UNIT_TOLERANCE)
+    inputs = [random(3, 6, 20, 20, scale=0.5),
+              random(8, 6, 9, 9, seed=1, scale=0.1), random(8, seed=2)]
+    ours, chainers = (run_unit(gpu_device, lambda x, W, b: function(
+        x, W, b, stride=stride), inputs) for function in (
+            fast_ops.conv2d_nchw, chainer.functions.convolution_2d))
+    for actual, expected in zip(ours[0] + ours[1], chainers[0] + chainers[1]):
+        numpy.testing.assert_allclose(actual, expected, **UNIT_TOLERANCE)
 
 
 def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
