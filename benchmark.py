@@ -307,6 +307,7 @@ def main(argv=None):
     import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
     import datasets
+    import devices
     import fast_ops
     import nets
 
@@ -318,12 +319,7 @@ def main(argv=None):
     fast_ops.GPU_CONVOLUTIONS = args.gpu_convolutions
 
     args.device = cli.device_spec(args.device)
-    try:
-        device = chainer.get_device(args.device)
-        device.use()
-    except Exception as e:  # chainer raises several kinds here
-        cli.fail('cannot use device {} ({}); check --device'.format(
-            args.device, ' '.join(str(e).split()) or type(e).__name__))
+    device = devices.select_device(args, keep_freed_memory=False)
     on_gpu = device.xp is not numpy
     if on_gpu:
         pool = device.xp.get_default_memory_pool()

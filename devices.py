@@ -24,12 +24,14 @@ def cupy_problem():
         type(error).__name__
 
 
-def select_device(args, status=1):
+def select_device(args, status=1, keep_freed_memory=True):
     """chainer Device for ``args.device`` (--device/-d or --gpu/-g), or exit
     with one line.
 
     On the CPU it also lets malloc keep freed memory for the next batch
-    (``fast_ops.keep_freed_memory``), which doubles training speed there.
+    (``fast_ops.keep_freed_memory``), which doubles training speed there;
+    ``keep_freed_memory=False`` leaves that to the caller (benchmark.py
+    measures both).
     """
     spec = cli.device_spec(args.device)
     if 'cupy' in spec:
@@ -45,12 +47,24 @@ def select_device(args, status=1):
         device = chainer.get_device(spec)
         device.use()
     except Exception as e:  # chainer raises several kinds here
-        cli.fail('cannot use device {}: {}; check --device/-d'.format(
-            spec, str(e).splitlines()[0] if str(e) else type(e).__name__),
-            status)
-    if device.xp is numpy:
+        cli.fail(device_failure(spec, e), status)
+    if device.xp is numpy and keep_freed_memory:
         fast_ops.keep_freed_memory()  # its docstring says why
     return device
+
+
+def device_failure(spec, error):
+    """The one line for a device Chainer could not set up: a wrong device
+    name or number points at --device, a CUDA error of the machine (no
+    driver, a driver older than CuPy's CUDA, no GPU) at the driver."""
+    text = ' '.join(str(error).split()) or type(error).__name__
+    if 'cudaError' in text and 'cudaErrorInvalidDevice' not in text:
+        fix = ('the GPU or its driver cannot be used: install an NVIDIA '
+               "driver recent enough for your CuPy's CUDA version (README.md, "
+               'Install) or run on the CPU with -d @numpy')
+    else:
+        fix = 'check --device/-d'
+    return 'cannot use device {}: {}; {}'.format(spec, text, fix)
 
 
 @contextlib.contextmanager

@@ -400,6 +400,36 @@ def test_experiments_gpu_without_cupy(tmp_path):
     assert 'CuPy cannot be used here' in result.stdout  # train.py's line
 
 
+@needs_no_cupy
+def test_benchmark_gpu_without_cupy():
+    """benchmark.py had a device message of its own ('(...); check
+    --device'); it now takes the other tools' line."""
+    assert_one_error(run('benchmark.py', '-d', '@cupy:0', '--repeats', '1'),
+                     '@cupy:0', 'CuPy cannot be used here', status=1)
+
+
+class CUDARuntimeError(RuntimeError):
+    """Named as CuPy's; its text is what cupy raises in each case."""
+
+
+@pytest.mark.parametrize('text, fix', [
+    # CuPy installed, no NVIDIA driver, or one older than CuPy's CUDA
+    ('cudaErrorInsufficientDriver: CUDA driver version is insufficient for '
+     'CUDA runtime version', 'install an NVIDIA driver'),
+    ('cudaErrorNoDevice: no CUDA-capable device is detected',
+     'install an NVIDIA driver'),
+    # a GPU number the machine does not have
+    ('cudaErrorInvalidDevice: invalid device ordinal', 'check --device/-d'),
+])
+def test_a_device_that_fails_names_the_fix_for_its_cause(text, fix):
+    import devices
+    line = devices.device_failure('@cupy:1', CUDARuntimeError(text))
+    problem, _, remedy = line.rpartition('; ')
+    assert problem == 'cannot use device @cupy:1: ' + text
+    assert fix in remedy
+    assert ('check --device/-d' in remedy) != ('NVIDIA driver' in remedy)
+
+
 def test_train_unknown_device_specifier(tmp_path):
     assert_one_error(run('train.py', '--no-progress', '--device', 'foo',
                          '-o', tmp_path / 'out'),
