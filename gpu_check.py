@@ -25,7 +25,8 @@ as it exists (so an interrupted check keeps what it measured):
    benchmark's speed (at least one), then evaluate.py and visualize.py on
    the model;
 5. summary.json and summary.md: the figures above, per-epoch time and test
-   error.
+   error, and per batch size whether our fastest training variant reaches
+   PyTorch eager's samples/s (issue 10's target).
 
 ``--dry-run`` does the same on the CPU at toy sizes (the GPU tests run with
 CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
@@ -444,6 +445,7 @@ class Check:
         for batch, row in s.get('benchmark', {}).items():
             lines.append('| {} | {} |'.format(batch, ' | '.join(
                 str(row.get(key)) for _, key in columns)))
+        lines += [''] + speed_verdicts(s.get('benchmark', {}), columns)
         profile = s.get('benchmark', {}).get(
             str(self.args.batchsizes[0]), {}).get('profile')
         if profile:
@@ -500,6 +502,29 @@ class Check:
                           '({} samples/s) gives {:.1f} s of steps per epoch'
                           .format(speed, training['train_size'] / speed)]
         self.write('summary.md', '\n'.join(lines) + '\n')
+
+
+def speed_verdicts(benchmark, columns):
+    """One line per batch size: our fastest training variant against
+    PyTorch eager's samples/s (the target: at least as many)."""
+    titles = dict((key, title) for title, key in columns)
+    ours = [key for key in titles if key.endswith('samples_per_s')
+            and key.startswith(('train', 'plain', 'einsum', 'gpu', 'tf32'))]
+    lines = []
+    for batch, row in benchmark.items():
+        measured = [(row[key], key) for key in ours
+                    if isinstance(row.get(key), (int, float))]
+        eager = row.get('torch_eager_samples_per_s')
+        if not measured or not isinstance(eager, (int, float)):
+            lines.append('target at batch {}: not compared (ours or PyTorch '
+                         'eager not measured)'.format(batch))
+            continue
+        best, key = max(measured)
+        lines.append('target at batch {}: {} (ours at best {} samples/s, '
+                     '"{}", against PyTorch eager {}: {:.2f} times)'.format(
+                         batch, 'met' if best >= eager else 'NOT met', best,
+                         titles[key], eager, best / eager))
+    return lines
 
 
 def main(argv=None):

@@ -163,3 +163,25 @@ def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
     assert '| 2 | 16.4 | 0.79 |' in report
     assert ('training speed at batch 100 (6000.0 samples/s) gives 10.0 s of '
             'steps per epoch') in report
+
+
+def test_report_says_whether_the_speed_target_is_met(tmp_path):
+    """Our fastest variant per batch size against PyTorch eager."""
+    import gpu_check
+    check = gpu_check.Check(gpu_check.parse_args(
+        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+    check.summary.update(environment={'gpu': 'a GPU'}, benchmark={
+        '100': {'train_samples_per_s': 6000.0,
+                'gpu_both_train_back_to_back_samples_per_s': 9000.0,
+                'eval_samples_per_s': 30000.0, 'peak_gpu_mb': 1000.0,
+                'torch_eager_samples_per_s': 10000.0},
+        '128': {'train_samples_per_s': 11000.0,
+                'torch_eager_samples_per_s': 10500.0},
+        '256': {'train_samples_per_s': 5000.0}})
+    check.report()
+    report = (tmp_path / 'o' / 'summary.md').read_text()
+    assert ('target at batch 100: NOT met (ours at best 9000.0 samples/s, '
+            '"ours fast, both, back to back", against PyTorch eager 10000.0: '
+            '0.90 times)') in report
+    assert 'target at batch 128: met (ours at best 11000.0' in report
+    assert 'target at batch 256: not compared' in report
