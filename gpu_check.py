@@ -155,11 +155,17 @@ class Check:
                 'cupy_available=cuda.available)\n'
                 'if cuda.available:\n'
                 '    import cupy\n'
-                '    p = cupy.cuda.runtime.getDeviceProperties(0)\n'
-                '    info.update(cupy=cupy.__version__, '
+                '    info.update(cupy=cupy.__version__)\n'
+                # CuPy without a usable GPU or driver: say why, keep the rest
+                '    try:\n'
+                '        p = cupy.cuda.runtime.getDeviceProperties(0)\n'
+                '        info.update('
                 'gpu=getattr(p["name"], "decode", lambda: p["name"])(), '
                 'cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), '
                 'cuda_driver=cupy.cuda.runtime.driverGetVersion())\n'
+                '    except Exception as e:\n'
+                '        info.update(gpu_error=" ".join(str(e).split()) '
+                'or type(e).__name__)\n'
                 'print(json.dumps(info))\n')
         status, output = self.run('environment', [sys.executable, '-c', code],
                                   'environment.log', 120)
