@@ -408,6 +408,32 @@ def test_benchmark_gpu_without_cupy():
                      '@cupy:0', 'CuPy cannot be used here', status=1)
 
 
+def cupy_without_a_gpu():
+    """CuPy is installed but reaches no GPU (no driver, or no device)."""
+    if not cuda.available:
+        return False
+    try:
+        return cuda.cupy.cuda.runtime.getDeviceCount() == 0
+    except Exception:  # CuPy's CUDARuntimeError, and whatever else fails
+        return True
+
+
+@pytest.mark.skipif(not cupy_without_a_gpu(), reason=(
+    'needs CuPy installed on a machine without a usable GPU (CI installs '
+    'CuPy in its current stack for these after the suite)'))
+@pytest.mark.parametrize('tool', ['train.py', 'benchmark.py'])
+def test_cupy_without_a_usable_gpu_names_the_driver(tool, tmp_path):
+    """Chainer sees CuPy but CUDA cannot start: the line names the driver
+    and the CPU, not --device."""
+    result = run(tool, '-d', '@cupy:0', *(
+        ['--no-progress', '-o', tmp_path / 'out'] if tool == 'train.py'
+        else ['--repeats', '1']))
+    line = assert_one_error(result, 'cannot use device @cupy:0',
+                            'NVIDIA driver', '-d @numpy', status=1)
+    assert 'check --device' not in line
+    assert not (tmp_path / 'out').exists()
+
+
 class CUDARuntimeError(RuntimeError):
     """Named as CuPy's; its text is what cupy raises in each case."""
 
