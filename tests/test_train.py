@@ -173,7 +173,8 @@ def test_missing_dataset_file_gives_one_clear_line(tmp_path):
 def test_gpu_without_cupy_gives_one_clear_line(tmp_path):
     from chainer.backends import cuda
     if cuda.available:  # else this would start a 30-epoch run on the GPU
-        pytest.skip('CuPy works here; this test needs a machine without it')
+        pytest.skip('CuPy is installed here; this test needs a machine '
+                    'without it')
     result = run_cli('-g', '0', '-o', str(tmp_path / 'o'))
     assert_one_error(result, 'CuPy')
 
