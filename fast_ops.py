@@ -125,6 +125,15 @@ class _Convolution(function_node.FunctionNode):
                           b.ndim == 1, x.shape[self.channel_axis] ==
                           W.shape[1], b.shape[0] == W.shape[0])
 
+    def _output_size(self, size, kernel):
+        """Outputs along an axis of ``size`` inputs (no padding)."""
+        return (size - kernel) // self.stride + 1
+
+    @staticmethod
+    def _wrap(indexes, grads):
+        return tuple(chainer.Variable(grads[i]) if i in grads else None
+                     for i in indexes)
+
 
 class _ConvolutionHWBC(_Convolution):
     """Convolutions on (H, W, B, C) arrays.
@@ -139,13 +148,8 @@ class _ConvolutionHWBC(_Convolution):
     def _output_shape(self, x_shape, W_shape):
         height, width, batch, _ = x_shape
         out_c, _, kh, kw = W_shape
-        return ((height - kh) // self.stride + 1,
-                (width - kw) // self.stride + 1, batch, out_c)
-
-    @staticmethod
-    def _wrap(indexes, grads):
-        return tuple(chainer.Variable(grads[i]) if i in grads else None
-                     for i in indexes)
+        return (self._output_size(height, kh), self._output_size(width, kw),
+                batch, out_c)
 
 
 class Conv2DIm2col(_ConvolutionHWBC):
@@ -369,12 +373,6 @@ def conv2d_hwbc(x, W, b, stride=1, method='im2col'):
 GPU_CONVOLUTIONS = False
 
 
-def _as_strided(xp):
-    if xp is numpy:
-        return as_strided
-    return xp.lib.stride_tricks.as_strided
-
-
 class Conv2DNCHW(_Convolution):
     """Convolution without padding of x (N, C, H, W) with Chainer's weights
     W (O, C, kh, kw) and bias b (O,), stride s: y (N, O, OH, OW), as
@@ -388,11 +386,11 @@ class Conv2DNCHW(_Convolution):
         n, c, h, w = x.shape
         out_c, _, kh, kw = W.shape
         s = self.stride
-        oh, ow = (h - kh) // s + 1, (w - kw) // s + 1
+        oh, ow = self._output_size(h, kh), self._output_size(w, kw)
         x = xp.ascontiguousarray(x)
         sn, sc, sh, sw = x.strides
         # column (c, i, j, b, y, x) = x[b, c, s y + i, s x + j]
-        self.columns = xp.ascontiguousarray(_as_strided(xp)(
+        self.columns = xp.ascontiguousarray(xp.lib.stride_tricks.as_strided(
             x, (c, kh, kw, n, oh, ow),
             (sc, sh, sw, sn, s * sh, s * sw))).reshape(c * kh * kw, -1)
         self.x_shape = x.shape
@@ -420,8 +418,7 @@ class Conv2DNCHW(_Convolution):
         if 2 in indexes:
             grads[2] = g_rows.sum(axis=1)
         self.columns = None
-        return tuple(chainer.Variable(grads[i]) if i in grads else None
-                     for i in indexes)
+        return self._wrap(indexes, grads)
 
 
 def conv2d_nchw(x, W, b, stride=1):
