@@ -294,39 +294,39 @@ class Check:
             if first:
                 # the routing's other contraction (auto picks broadcast on
                 # the GPU): which is faster there is this figure's question
-                einsum = self.run_benchmark(
-                    name + '-einsum', batch,
-                    ['--no-plain', '--routing-contraction', 'einsum'])
-                if einsum:
-                    row['einsum_train_samples_per_s'] = \
-                        einsum['train_samples_per_s']
+                self.run_variant(row, 'einsum', batch,
+                                 ['--routing-contraction', 'einsum'],
+                                 ['train_samples_per_s'])
                 # fast_ops' CuPy kernels (squash, the contractions) and its
                 # convolution node, each off by default until these figures
                 # say it is faster: alone and together
                 for tag, flags in GPU_VARIANTS:
-                    other = self.run_benchmark(
-                        '{}-{}'.format(name, tag.replace('_', '-')), batch,
-                        ['--no-plain'] + flags)
-                    for key in ('train_samples_per_s', 'eval_samples_per_s',
-                                'train_back_to_back_samples_per_s'):
-                        if other and key in other:
-                            row['{}_{}'.format(tag, key)] = other[key]
+                    self.run_variant(row, tag, batch, flags, [
+                        'train_samples_per_s', 'eval_samples_per_s',
+                        'train_back_to_back_samples_per_s'])
                 row.update(self.kernel_profile(name, batch))
             if not args.dry_run:
                 # TF32 tensor cores for CuPy's matrix products, as PyTorch
                 # allows them for cuDNN convolutions by default
-                tf32 = self.run_benchmark(name + '-tf32', batch,
-                                          ['--no-plain'], {'CUPY_TF32': '1'})
-                if tf32:
-                    row['tf32_train_samples_per_s'] = \
-                        tf32['train_samples_per_s']
-                    row['tf32_eval_samples_per_s'] = \
-                        tf32['eval_samples_per_s']
+                self.run_variant(row, 'tf32', batch, [],
+                                 ['train_samples_per_s', 'eval_samples_per_s'],
+                                 {'CUPY_TF32': '1'})
             if args.torch_ref:
                 # torch.compile takes about a minute: once, at the first size
                 row.update(self.torch_reference(batch, compiled=first))
             self.summary['benchmark'][str(batch)] = row
             self.save_summary()
+
+    def run_variant(self, row, tag, batch, flags, keys, env=None):
+        """The fast path alone with ``flags`` (step benchmark-B-TAG, its
+        underscores as dashes); each of ``keys`` it reports goes into row
+        as TAG_KEY."""
+        result = self.run_benchmark(
+            'benchmark-{}-{}'.format(batch, tag.replace('_', '-')), batch,
+            ['--no-plain'] + list(flags), env) or {}
+        for key in keys:
+            if key in result:
+                row['{}_{}'.format(tag, key)] = result[key]
 
     def kernel_profile(self, name, batch):
         """The GPU's side of a fast training step, kernel by kernel
