@@ -82,7 +82,7 @@ def masked_capsules(v, labels):
     """v (N, J, D), labels (N,) -> (N, J * D) keeping only each label's
     capsule (numpy twin of nets.mask)."""
     v = numpy.asarray(v)
-    keep = numpy.eye(v.shape[1], dtype=v.dtype)[numpy.asarray(labels)]
+    keep = nets.one_hot(numpy.asarray(labels), v.shape[1], numpy, v.dtype)
     return (v * keep[:, :, None]).reshape(len(v), -1)
 
 
