@@ -625,17 +625,26 @@ class DigitCapsules(function_node.FunctionNode):
         W_t = xp.ascontiguousarray(W.transpose(0, 3, 1, 2)).reshape(
             n_in, dim_in, n_out * dim_out)                        # (I, K, JD)
         u_hat = xp.matmul(u_t, W_t).reshape(n_in, batch, n_out, dim_out)
-        logits = xp.zeros((n_in, batch, n_out), dtype=u.dtype)
         self.c, self.s, self.v = [], [], []
+        logits = None         # zeros until the first agreement is added
         for iteration in range(self.n_iterations):
-            c = _softmax(logits, axis=2)
+            if logits is None:
+                # the softmax of zeros, exactly, without the array
+                # operations (kernel launches on a GPU) that it takes
+                c = xp.full((n_in, batch, n_out),
+                            u.dtype.type(1) / u.dtype.type(n_out), u.dtype)
+            else:
+                c = _softmax(logits, axis=2)
             s = sum_over_inputs(c, u_hat)
             v = squash_forward(s)
             self.c.append(c)
             self.s.append(s)
             self.v.append(v)
             if iteration < self.n_iterations - 1:
-                logits += agreement(u_hat, v)
+                if logits is None:
+                    logits = agreement(u_hat, v)
+                else:
+                    logits += agreement(u_hat, v)
         self.u_t, self.W_t, self.u_hat = u_t, W_t, u_hat
         self.coupling = c.transpose(1, 0, 2)
         return v,
@@ -650,11 +659,12 @@ class DigitCapsules(function_node.FunctionNode):
         gv_final = grad_outputs[0].array
         g_logits_next = None      # gradient for the logits after iteration r
         for r in reversed(range(self.n_iterations)):
-            gv = gv_final.copy() if r == self.n_iterations - 1 else \
-                xp.zeros_like(self.v[r])
-            if g_logits_next is not None:
-                # logits_{r+1} = logits_r + <u_hat, v_r>
-                gv += sum_over_inputs(g_logits_next, u_hat)
+            if g_logits_next is None:      # r is the last iteration: v_r is v
+                gv = gv_final
+            else:
+                # v_r only reaches the loss through logits_{r+1} = logits_r
+                # + <u_hat, v_r>
+                gv = sum_over_inputs(g_logits_next, u_hat)
                 weights.append(g_logits_next)
                 vectors.append(self.v[r])
             gs = squash_backward(self.s[r], gv)

@@ -213,6 +213,18 @@ def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
     assert numpy.isfinite(actual[1]).all()
 
 
+@pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])
+def test_routing_starts_from_the_softmax_of_zero_logits_exactly(dtype):
+    u = random(2, 6, 4, scale=0.5).astype(dtype)
+    W = random(6, 3, 5, 4, seed=1, scale=0.5).astype(dtype)
+    node = fast_ops.DigitCapsules(1)
+    node.apply((u, W))
+    first = node.coupling.transpose(1, 0, 2)                 # (I, B, J)
+    assert first.dtype == dtype
+    numpy.testing.assert_array_equal(
+        first, fast_ops._softmax(numpy.zeros((6, 2, 3), dtype), axis=2))
+
+
 def test_gpu_kernel_outer_sum_equals_the_batched_product(stand_in_kernels):
     weights = [random(6, 2, 3, seed=k) for k in range(5)]
     vectors = [random(2, 3, 4, seed=10 + k) for k in range(5)]
