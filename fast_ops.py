@@ -430,13 +430,6 @@ def conv2d_nchw(x, W, b, stride=1):
 # DigitCaps: prediction vectors and dynamic routing in one node
 # --------------------------------------------------------------------------
 
-def _softmax(logits, axis):
-    xp = backend.get_array_module(logits)
-    e = xp.exp(logits - logits.max(axis=axis, keepdims=True))
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
-
-
 def _squash_scale(squared):
     """g(q) with v = g(|s|^2) s: q / ((1 + q) sqrt(q + eps))."""
     xp = backend.get_array_module(squared)
@@ -449,18 +442,22 @@ def _squash_scale(squared):
 #
 # Through the NumPy API each step of squash and of its gradient is a kernel
 # of its own (8 forward, about 20 backward, most of them on B x J values,
-# so each is mostly a launch the host pays for), and each contraction with
-# u_hat writes a temporary of u_hat's size before summing it. These CuPy
-# kernels do each in one launch and without the temporaries. Their bodies
-# are kept as text here so that the tests can run the same arithmetic on
-# the CPU (tests/test_fast_ops.py reads them with NumPy stand-ins); on a GPU
+# so each is mostly a launch the host pays for), the routing's softmax is 5
+# and its gradient 5, and each contraction with u_hat writes a temporary of
+# u_hat's size before summing it. These CuPy kernels do each in one launch
+# (the softmax in three: its maximum, its sum, the quotient; its gradient
+# in two) and without the temporaries. Their bodies are kept as text here
+# so that the tests can run the same arithmetic on the CPU
+# (tests/test_fast_ops.py reads them with NumPy stand-ins); on a GPU
 # tests/test_gpu.py compares them with the NumPy-API forms. Written in a
 # session without a GPU: off until timed on one (benchmark.py --gpu-kernels;
 # gpu_check.py times both).
 GPU_KERNELS = False
 
-# ReductionKernel: sum over the given axes of x * y (inputs broadcast)
+# ReductionKernels: sums over the given axes (inputs broadcast) of x * y,
+# and of exp(l - m) (the softmax's denominator)
 DOT_KERNEL = ('T x, T y', 'T z', 'x * y', 'a + b', 'z = a', '0')
+EXP_SUM_KERNEL = ('T l, T m', 'T z', 'exp(l - m)', 'a + b', 'z = a', '0')
 # ElementwiseKernels: (inputs, output, body); one statement per line
 SQUASH_KERNEL = ('T q, T s, T eps', 'T v',
                  'v = q / ((1 + q) * sqrt(q + eps)) * s;')
@@ -471,6 +468,11 @@ SQUASH_GRAD_KERNEL = ('T q, T sg, T s, T gv, T eps', 'T gs', """
     const T d_scale = (den - q * d_den) / (den * den);
     gs = q / den * gv + 2 * d_scale * s * sg;
 """)
+# the softmax from its logits l, their maximum m and EXP_SUM_KERNEL's z
+SOFTMAX_KERNEL = ('T l, T m, T z', 'T c', 'c = exp(l - m) / z;')
+# the logits' gradient from the softmax c, its output gradient g, t =
+# sum_j c g, plus the gradient n that reaches the same logits another way
+SOFTMAX_GRAD_KERNEL = ('T c, T g, T t, T n', 'T gl', 'gl = c * (g - t) + n;')
 
 
 def outer_sum_kernel(terms):
@@ -492,6 +494,12 @@ def _cupy_kernels():
 
     class Kernels:
         dot = cupy.ReductionKernel(*DOT_KERNEL, name='capsnet_dot')
+        exp_sum = cupy.ReductionKernel(*EXP_SUM_KERNEL,
+                                       name='capsnet_exp_sum')
+        softmax = cupy.ElementwiseKernel(*SOFTMAX_KERNEL,
+                                         name='capsnet_softmax')
+        softmax_grad = cupy.ElementwiseKernel(*SOFTMAX_GRAD_KERNEL,
+                                              name='capsnet_softmax_grad')
         squash = cupy.ElementwiseKernel(*SQUASH_KERNEL, name='capsnet_squash')
         squash_grad = cupy.ElementwiseKernel(*SQUASH_GRAD_KERNEL,
                                              name='capsnet_squash_grad')
@@ -531,6 +539,32 @@ def squash_backward(s, gv):
     d_scale = (denominator - q * d_denominator) / (denominator * denominator)
     return (q / denominator) * gv + 2 * d_scale * s * (s * gv).sum(
         axis=-1, keepdims=True)
+
+
+def _softmax(logits, axis):
+    xp = backend.get_array_module(logits)
+    top = logits.max(axis=axis, keepdims=True)
+    kernels = _kernels_for(xp)
+    if kernels:
+        return kernels.softmax(logits, top, kernels.exp_sum(
+            logits, top, axis=axis, keepdims=True))
+    e = xp.exp(logits - top)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _softmax_backward(c, g_c, axis, g_more=None):
+    """Gradient for the logits of c = softmax(logits) given c's gradient
+    g_c, plus g_more (the logits' gradient from elsewhere) if given."""
+    kernels = _kernels_for(backend.get_array_module(c))
+    if kernels:
+        return kernels.softmax_grad(
+            c, g_c, kernels.dot(c, g_c, axis=axis, keepdims=True),
+            c.dtype.type(0) if g_more is None else g_more)
+    g_logits = c * (g_c - (c * g_c).sum(axis=axis, keepdims=True))
+    if g_more is not None:
+        g_logits += g_more
+    return g_logits
 
 
 # How DigitCapsules contracts u_hat with the couplings and with the capsules:
@@ -671,12 +705,8 @@ class DigitCapsules(function_node.FunctionNode):
             weights.append(self.c[r])
             vectors.append(gs)
             if r > 0:   # the first logits are constant zeros
-                c = self.c[r]
-                g_c = agreement(u_hat, gs)
-                g_logits = c * (g_c - (c * g_c).sum(axis=2, keepdims=True))
-                if g_logits_next is not None:
-                    g_logits += g_logits_next
-                g_logits_next = g_logits
+                g_logits_next = _softmax_backward(
+                    self.c[r], agreement(u_hat, gs), 2, g_logits_next)
         n_in, batch, n_out, dim_out = u_hat.shape
         dim_in = self.u_t.shape[2]
         g_u_hat = outer_sum(weights, vectors, batched_gemm=xp is numpy)

@@ -92,6 +92,11 @@ def elementwise_source(definition, name, dtype, ndims):
 ELEMENTWISE = [
     ('capsnet_squash', fast_ops.SQUASH_KERNEL, (3, 3, 0, 3)),
     ('capsnet_squash_grad', fast_ops.SQUASH_GRAD_KERNEL, (3, 3, 3, 3, 0, 3)),
+    ('capsnet_softmax', fast_ops.SOFTMAX_KERNEL, (3, 3, 3, 3)),
+    # the gradient that reaches the logits another way: none (a scalar 0)
+    # or an array
+    ('capsnet_softmax_grad', fast_ops.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 0, 3)),
+    ('capsnet_softmax_grad', fast_ops.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 3, 3)),
 ] + [('capsnet_outer_sum_{}'.format(terms), fast_ops.outer_sum_kernel(terms),
       (4,) * (2 * terms + 1)) for terms in (1, 3, 5)]
 
@@ -105,12 +110,17 @@ def test_elementwise_kernels_compile(compile_source, name, definition,
     compile_source(source)
 
 
+REDUCTIONS = [('capsnet_dot', fast_ops.DOT_KERNEL),
+              ('capsnet_exp_sum', fast_ops.EXP_SUM_KERNEL)]
+
+
 @pytest.mark.parametrize('dtype, index', itertools.product(
     FLOATS, (numpy.int32, numpy.int64)))
 @pytest.mark.parametrize('in_ndim, out_ndim', [(2, 1), (4, 3)])
-def test_dot_reduction_kernel_compiles(compile_source, in_ndim, out_ndim,
-                                       dtype, index):
-    kernel = cupy.ReductionKernel(*fast_ops.DOT_KERNEL, name='capsnet_dot')
+@pytest.mark.parametrize('name, definition', REDUCTIONS)
+def test_reduction_kernels_compile(compile_source, name, definition,
+                                   in_ndim, out_ndim, dtype, index):
+    kernel = cupy.ReductionKernel(*definition, name=name)
     infos = (array_info(dtype, in_ndim), array_info(dtype, in_ndim),
              array_info(dtype, out_ndim),
              _kernel._ArgInfo(INDEXER, _carray.Indexer, None, in_ndim,
@@ -127,7 +137,7 @@ def test_dot_reduction_kernel_compiles(compile_source, in_ndim, out_ndim,
         kernel.reduce_type, kernel.identity, kernel.map_expr,
         kernel.reduce_expr, kernel.post_map_expr, kernel.preamble,
         kernel.options)
-    assert 'x * y' in source
+    assert definition[2] in source
     compile_source(source)
 
 

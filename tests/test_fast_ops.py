@@ -171,21 +171,36 @@ def elementwise_stand_in(in_params, out_params, body):
             if statement.startswith('const T '):
                 statement = statement[len('const T '):]
             if statement:
-                exec(statement, {'sqrt': numpy.sqrt}, scope)
+                exec(statement, C_FUNCTIONS, scope)
         return scope[output]
     return kernel
+
+
+def sum_reduction_stand_in(in_params, out_params, map_expr, reduce_expr,
+                           post_map_expr, identity):
+    """A ReductionKernel that sums its map expression from 0."""
+    assert (reduce_expr, post_map_expr, identity) == ('a + b', 'z = a', '0')
+    names = [param.split()[-1] for param in in_params.split(',')]
+
+    def kernel(*args, axis, keepdims=False):
+        assert len(args) == len(names)
+        mapped = eval(map_expr, C_FUNCTIONS, dict(zip(names, args)))
+        return mapped.sum(axis=axis, keepdims=keepdims)
+    return kernel
+
+
+C_FUNCTIONS = {'sqrt': numpy.sqrt, 'exp': numpy.exp}
 
 
 class StandInKernels:
     squash = staticmethod(elementwise_stand_in(*fast_ops.SQUASH_KERNEL))
     squash_grad = staticmethod(elementwise_stand_in(
         *fast_ops.SQUASH_GRAD_KERNEL))
-
-    @staticmethod
-    def dot(x, y, axis, keepdims=False):
-        # the ReductionKernel: map x * y, reduce a + b from 0, z = a
-        assert fast_ops.DOT_KERNEL[2:] == ('x * y', 'a + b', 'z = a', '0')
-        return (x * y).sum(axis=axis, keepdims=keepdims)
+    dot = staticmethod(sum_reduction_stand_in(*fast_ops.DOT_KERNEL))
+    exp_sum = staticmethod(sum_reduction_stand_in(*fast_ops.EXP_SUM_KERNEL))
+    softmax = staticmethod(elementwise_stand_in(*fast_ops.SOFTMAX_KERNEL))
+    softmax_grad = staticmethod(elementwise_stand_in(
+        *fast_ops.SOFTMAX_GRAD_KERNEL))
 
     @staticmethod
     def outer_sum(terms):
@@ -211,6 +226,29 @@ def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
         assert a.shape == e.shape
         numpy.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-15)
     assert numpy.isfinite(actual[1]).all()
+
+
+def test_gpu_kernel_bodies_compute_the_softmax_and_its_gradient(
+        monkeypatch):
+    # float64 logits near 1000: exp overflows there unless the maximum is
+    # taken out first
+    logits = random(5, 4, 10, scale=30).astype(numpy.float64) + 1000
+    g_c, g_more = (random(5, 4, 10, seed=k).astype(numpy.float64)
+                   for k in (1, 2))
+    c = fast_ops._softmax(logits, axis=2)
+
+    def results():
+        return (fast_ops._softmax(logits, axis=2),
+                fast_ops._softmax_backward(c, g_c, 2),
+                fast_ops._softmax_backward(c, g_c, 2, g_more))
+    expected = results()
+    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
+    actual = results()
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        assert numpy.isfinite(a).all()
+        numpy.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-15)
+    numpy.testing.assert_allclose(actual[0].sum(axis=2), 1, rtol=1e-12)
 
 
 @pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])

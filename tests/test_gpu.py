@@ -161,13 +161,19 @@ def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
                for k in range(5)]
     vectors = [gpu_device.send(random(6, 10, 16, seed=9 + k))
                for k in range(5)]
+    # logits far from 0, where a softmax without its maximum overflows
+    logits = gpu_device.send(random(12, 6, 10, seed=14, scale=30) + 100)
+    coupling = fast_ops._softmax(logits, axis=2)
     monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', False)
 
     def results():
         return [fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv),
                 fast_ops.sum_over_inputs(c, u_hat),
                 fast_ops.agreement(u_hat, s),
-                fast_ops.outer_sum(weights, vectors, batched_gemm=False)]
+                fast_ops.outer_sum(weights, vectors, batched_gemm=False),
+                fast_ops._softmax(logits, axis=2),
+                fast_ops._softmax_backward(coupling, c, 2),
+                fast_ops._softmax_backward(coupling, c, 2, weights[0])]
 
     monkeypatch.setattr(fast_ops, 'GPU_KERNELS', False)
     expected = results()
