@@ -51,14 +51,7 @@ def parse_args(argv=None):
         choices=['auto', 'einsum', 'broadcast'],
         help="how the fast routing contracts u_hat (fast_ops.ROUTING_EINSUM): "
              "auto picks einsum on the CPU, broadcast-and-sum on the GPU")
-    add('--gpu-kernels', action='store_true',
-        help="on the GPU, squash and the routing's contractions through "
-             "fast_ops' CuPy kernels (fast_ops.GPU_KERNELS; off by default "
-             "until timed on a GPU)")
-    add('--gpu-convolutions', action='store_true',
-        help="on the GPU, the convolutions through fast_ops' NCHW node "
-             "instead of Chainer's (fast_ops.GPU_CONVOLUTIONS; off by "
-             "default until timed on a GPU)")
+    cli.add_gpu_fast_path_arguments(parser)
     add('--profile', action='store_true',
         help='also break a fast training step down by Chainer function '
              '(chainer.function_hooks.TimerHook: CUDA events on the GPU) '

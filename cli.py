@@ -109,6 +109,22 @@ def add_device_arguments(parser, default='@numpy'):
         help='GPU N, the same as --device @cupy:N (negative: the CPU)')
 
 
+def add_gpu_fast_path_arguments(parser):
+    """--gpu-kernels and --gpu-convolutions: the fast path's optional GPU
+    pieces (fast_ops.GPU_KERNELS, fast_ops.GPU_CONVOLUTIONS)."""
+    parser.add_argument(
+        '--gpu-kernels', action='store_true',
+        help="on the GPU, squash, the routing's softmax and its "
+             "contractions with u_hat through fast_ops' CuPy kernels "
+             "(fast_ops.GPU_KERNELS; off by default until timed on a GPU; "
+             "no effect on the CPU)")
+    parser.add_argument(
+        '--gpu-convolutions', action='store_true',
+        help="on the GPU, the convolutions through fast_ops' NCHW node "
+             "instead of Chainer's (fast_ops.GPU_CONVOLUTIONS; off by "
+             "default until timed on a GPU; no effect on the CPU)")
+
+
 def device_spec(spec):
     """--device's value as a Chainer specifier ('3' -> '@cupy:3')."""
     if spec is not None and re.fullmatch(r'\s*-?\d+\s*', str(spec)):

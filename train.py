@@ -31,6 +31,7 @@ from chainer.training import extensions
 import datasets
 import devices
 import distributed
+import fast_ops
 import model_io
 import nets
 import training_extensions as ext
@@ -96,6 +97,7 @@ def build_parser():
         help='fast kernels (fast_ops: every layer on the CPU, all but the '
              'convolutions on the GPU) or stock Chainer functions (plain); '
              'auto: fast, except for the baseline on the GPU')
+    cli.add_gpu_fast_path_arguments(parser)
     add('--eval-batchsize', type=cli.positive_int, default=200,
         help='examples per evaluation step')
     add('--snapshot-keep', type=cli.positive_int, default=2,
@@ -354,6 +356,17 @@ def main(argv=None):
     # Flags, and the output paths checked before anything is computed
     parser = build_parser()
     args = parser.parse_args(argv)
+    gpu_pieces = [flag for flag, on in (('--gpu-kernels', args.gpu_kernels),
+                                        ('--gpu-convolutions',
+                                         args.gpu_convolutions)) if on]
+    if gpu_pieces and (args.impl == 'plain' or
+                       not args.arch.startswith('capsnet')):
+        parser.error('{}: for the CapsNet fast path on the GPU; leave {} '
+                     'out with --impl plain or a CNN --arch'.format(
+                         ' and '.join(gpu_pieces),
+                         'them' if len(gpu_pieces) > 1 else 'it'))
+    fast_ops.GPU_KERNELS = args.gpu_kernels
+    fast_ops.GPU_CONVOLUTIONS = args.gpu_convolutions
     comm = None
     if args.communicator:   # MPI: this process is one rank of several
         args.device = cli.device_spec(args.device)

@@ -13,6 +13,7 @@ import pytest
 
 import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import datasets
+import fast_ops
 import model_io
 import train
 import training_extensions
@@ -144,6 +145,19 @@ def test_newest_snapshot_picks_the_highest_epoch(tmp_path):
     assert newest(str(tmp_path / 'none')) is None
 
 
+@needs_mnist
+def test_gpu_fast_path_flags_reach_fast_ops(tmp_path, monkeypatch):
+    """--gpu-kernels and --gpu-convolutions switch fast_ops' GPU pieces on
+    (no effect on the CPU: the run trains as usual)."""
+    for name in ('GPU_KERNELS', 'GPU_CONVOLUTIONS'):
+        monkeypatch.setattr(fast_ops, name, False)   # restored afterwards
+    run_train('--train-size', '20', '--test-size', '10', '-e', '1', '-b',
+              '10', '-o', str(tmp_path / 'result'), '--gpu-kernels',
+              '--gpu-convolutions')
+    assert fast_ops.GPU_KERNELS and fast_ops.GPU_CONVOLUTIONS
+    assert (tmp_path / 'result' / 'final.json').exists()
+
+
 # -- bad input: one line on stderr, non-zero exit, nothing overwritten ------
 
 def run_cli(*args, cwd=None):
@@ -160,6 +174,11 @@ def run_cli(*args, cwd=None):
     (['--decay', '1.5'], ['--decay', "a number in (0, 1], got '1.5'"]),
     (['--input-size', '20'], ['--input-size', "an integer >= 28, got '20'"]),
     (['--seed', 'x'], ['--seed', "must be an integer from 0 to 4294967293, got 'x'"]),
+    (['--gpu-kernels', '--impl', 'plain'],
+     ['--gpu-kernels: for the CapsNet fast path on the GPU', 'leave it out']),
+    (['--gpu-kernels', '--gpu-convolutions', '--arch', 'baseline'],
+     ['--gpu-kernels and --gpu-convolutions: for the CapsNet fast path',
+      'leave them out with --impl plain or a CNN --arch']),
 ])
 def test_bad_flags_give_one_clear_line(args, fragments):
     assert_one_error(run_cli(*args), *fragments)
