@@ -23,7 +23,9 @@ as it exists (so an interrupted check keeps what it measured):
 4. train/: ``train.py --device D --reconstruct`` on full MNIST (60,000 /
    10,000) for as many epochs as the time left allows, judged from the
    benchmark's speed (at least one), then evaluate.py and visualize.py on
-   the model;
+   the model; with --gpu-kernels and/or --gpu-convolutions where that
+   variant was the fastest in the benchmark by at least 3% and every GPU
+   test passed (the summary says which and why);
 5. summary.json and summary.md: the figures above, per-epoch time and test
    error, and per batch size whether our fastest training variant reaches
    PyTorch eager's samples/s (issue 10's target).
@@ -51,6 +53,9 @@ EPOCH_MARGIN = 1.8   # measured on an H200: shifts, copies, logging and the test
 GPU_VARIANTS = (('gpu_kernels', ['--gpu-kernels']),
                 ('gpu_convolutions', ['--gpu-convolutions']),
                 ('gpu_both', ['--gpu-kernels', '--gpu-convolutions']))
+# the training run takes a variant instead of the default when it ran this
+# many times as fast (steps back to back; below it, noise could choose)
+VARIANT_MARGIN = 1.03
 
 
 def parse_args(argv=None):
@@ -363,10 +368,9 @@ class Check:
                         line.split()[0])
         return found
 
-    def epochs_that_fit(self, seconds):
-        """Training epochs that fit in ``seconds``, from the benchmark."""
-        row = self.summary.get('benchmark', {}).get('100', {})
-        speed = row.get('train_samples_per_s')
+    def epochs_that_fit(self, seconds, speed):
+        """Training epochs that fit in ``seconds`` at the benchmark's
+        ``speed`` (training samples/s, steps synchronised)."""
         if not speed:
             return 1
         epoch_s = EPOCH_MARGIN * 60000 / speed + 5
@@ -378,17 +382,23 @@ class Check:
         model = self.path('model.npz')
         sizes = ['--train-size', '300', '--test-size', '200'] if \
             args.dry_run else []
+        row = self.summary.get('benchmark', {}).get(
+            str(args.batchsizes[0]), {})
+        tag, flags, reason = choose_training_variant(row, self.summary['steps'])
         # keep a minute for evaluate.py and visualize.py afterwards
         epochs = 1 if args.dry_run else self.epochs_that_fit(
-            self.seconds_left() - 75)
+            self.seconds_left() - 75, row.get(
+                'train_samples_per_s' if tag == 'default' else
+                '{}_train_samples_per_s'.format(tag)))
         self.summary['training'] = {'epochs_planned': epochs,
                                     'train_size': 300 if args.dry_run
-                                    else 60000}
+                                    else 60000, 'variant': tag,
+                                    'flags': flags, 'variant_reason': reason}
         status, _ = self.run(
             'train', [sys.executable, 'train.py', '--device', args.device,
                       '--data-dir', args.data_dir, '--reconstruct',
                       '-e', str(epochs), '-o', folder, '--save', model,
-                      '--no-progress'] + sizes,
+                      '--no-progress'] + flags + sizes,
             'train.log', self.seconds_left() - 45)
         log_path = os.path.join(folder, 'log')
         if os.path.exists(log_path):
@@ -491,8 +501,12 @@ class Check:
                                     for k, ms, n in kernels['top_ops'][:8]))]
         training = s.get('training', {})
         if training.get('epochs_done'):
-            lines += ['', 'full-MNIST training, --reconstruct: {} epochs'
-                      .format(training['epochs_done']), '',
+            lines += ['', 'full-MNIST training, --reconstruct{}: {} epochs '
+                      '(the fast path: {})'.format(
+                          ''.join(' ' + flag
+                                  for flag in training.get('flags', [])),
+                          training['epochs_done'],
+                          training.get('variant_reason', 'the default')), '',
                       '| epoch | seconds | test error % |',
                       '| --- | --- | --- |']
             lines += ['| {} | {} | {} |'.format(i + 1, sec, err)
@@ -508,6 +522,36 @@ class Check:
                           '({} samples/s) gives {:.1f} s of steps per epoch'
                           .format(speed, training['train_size'] / speed)]
         self.write('summary.md', '\n'.join(lines) + '\n')
+
+
+def choose_training_variant(row, steps):
+    """(tag, train.py flags, why) for the training run: the GPU variant
+    whose steps back to back were fastest in the benchmark's ``row``, when
+    it ran at least VARIANT_MARGIN times as fast as the default fast path
+    and every GPU test passed (they compare its kernels and convolutions
+    with the forms they replace); else ('default', [], why)."""
+    tests = {name: step['status'] for name, step in steps.items()
+             if name.startswith('gpu_tests')}
+    if 'gpu_tests' not in tests or any(
+            status != 0 for status in tests.values()):
+        return 'default', [], 'the default, as not every GPU test passed'
+    key = 'train_back_to_back_samples_per_s'
+    default = row.get(key)
+    timed = [(row['{}_{}'.format(tag, key)], tag, flags)
+             for tag, flags in GPU_VARIANTS
+             if isinstance(row.get('{}_{}'.format(tag, key)), (int, float))]
+    if not isinstance(default, (int, float)) or not timed:
+        return 'default', [], 'the default, as the variants were not timed'
+    speed, tag, flags = max(timed)
+    if speed < VARIANT_MARGIN * default:
+        return 'default', [], ('the default, as no variant was {} times as '
+                               'fast (at best {} {} against {} samples/s, '
+                               'back to back)'.format(VARIANT_MARGIN, tag,
+                                                      speed, default))
+    return tag, list(flags), ('{}, the fastest variant, {} against the '
+                              "default's {} samples/s, back to back, with "
+                              'every GPU test passed'.format(tag, speed,
+                                                             default))
 
 
 def speed_verdicts(benchmark, columns):

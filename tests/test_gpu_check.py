@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import assert_one_error, needs_mnist, MNIST_DIR
+import gpu_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +59,11 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert row['profile']['function_calls'] > 0
     assert summary['training']['epochs_done'] == 1
     assert len(summary['training']['test_error_percent']) == 1
+    # on the CPU the variants differ by noise only; whichever was taken,
+    # train.py ran with its flags
+    training = summary['training']
+    assert training['flags'] == dict(
+        gpu_check.GPU_VARIANTS).get(training['variant'], [])
     report = (out / 'summary.md').read_text()
     assert '| 8 |' in report and '| epoch | seconds | test error % |' in report
     assert 'host side alone of the same functions' in report
@@ -96,7 +102,6 @@ def alive(pid):
 
 def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
         tmp_path):
-    import gpu_check
     check = gpu_check.Check(gpu_check.parse_args(
         ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
     pid_file = tmp_path / 'grandchild.pid'
@@ -133,7 +138,6 @@ def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
 ])
 def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
                                            monkeypatch):
-    import gpu_check
     check = gpu_check.Check(gpu_check.parse_args(
         ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
 
@@ -149,7 +153,6 @@ def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
 
 
 def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
-    import gpu_check
     check = gpu_check.Check(gpu_check.parse_args(
         ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
     check.summary.update(
@@ -157,9 +160,12 @@ def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
         benchmark={'100': {'train_samples_per_s': 6000.0}},
         training={'epochs_planned': 2, 'train_size': 60000, 'epochs_done': 2,
                   'seconds_per_epoch': [16.2, 16.4],
-                  'test_error_percent': [1.15, 0.79]})
+                  'test_error_percent': [1.15, 0.79],
+                  'flags': ['--gpu-kernels'], 'variant_reason': 'WHY'})
     check.report()
     report = (tmp_path / 'o' / 'summary.md').read_text()
+    assert ('full-MNIST training, --reconstruct --gpu-kernels: 2 epochs '
+            '(the fast path: WHY)') in report
     assert '| 2 | 16.4 | 0.79 |' in report
     assert ('training speed at batch 100 (6000.0 samples/s) gives 10.0 s of '
             'steps per epoch') in report
@@ -167,7 +173,6 @@ def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
 
 def test_report_says_whether_the_speed_target_is_met(tmp_path):
     """Our fastest variant per batch size against PyTorch eager."""
-    import gpu_check
     check = gpu_check.Check(gpu_check.parse_args(
         ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
     check.summary.update(environment={'gpu': 'a GPU'}, benchmark={
@@ -185,3 +190,38 @@ def test_report_says_whether_the_speed_target_is_met(tmp_path):
             '0.90 times; the default fast path 6000.0)') in report
     assert 'target at batch 128: met (ours at best 11000.0' in report
     assert 'target at batch 256: not compared' in report
+
+
+STEPS_PASSED = {'gpu_tests': {'status': 0}, 'gpu_tests_collect': {'status': 0},
+                'gpu_tests_slow': {'status': 0}, 'train': {'status': 0}}
+
+
+@pytest.mark.parametrize('row, steps, chosen, why', [
+    # the fastest variant, back to back, 10% ahead of the default
+    ({'train_back_to_back_samples_per_s': 6000.0,
+      'gpu_kernels_train_back_to_back_samples_per_s': 6300.0,
+      'gpu_both_train_back_to_back_samples_per_s': 6600.0}, STEPS_PASSED,
+     'gpu_both', 'gpu_both, the fastest variant, 6600.0 against'),
+    # 2% ahead: within noise, the default stays
+    ({'train_back_to_back_samples_per_s': 6000.0,
+      'gpu_kernels_train_back_to_back_samples_per_s': 6120.0}, STEPS_PASSED,
+     'default', 'at best gpu_kernels 6120.0 against 6000.0'),
+    # faster, but a slow GPU test failed (or timed out)
+    ({'train_back_to_back_samples_per_s': 6000.0,
+      'gpu_both_train_back_to_back_samples_per_s': 9000.0},
+     dict(STEPS_PASSED, gpu_tests_slow={'status': 'timeout after 60 s'}),
+     'default', 'not every GPU test passed'),
+    # the GPU tests did not run
+    ({'train_back_to_back_samples_per_s': 6000.0,
+      'gpu_both_train_back_to_back_samples_per_s': 9000.0},
+     {'train': {'status': 0}}, 'default', 'not every GPU test passed'),
+    # a variant that failed to run has no figure
+    ({'train_back_to_back_samples_per_s': 6000.0}, STEPS_PASSED, 'default',
+     'the variants were not timed'),
+])
+def test_training_takes_the_fastest_variant_only_when_tested(row, steps,
+                                                             chosen, why):
+    tag, flags, reason = gpu_check.choose_training_variant(row, steps)
+    assert tag == chosen
+    assert flags == dict(gpu_check.GPU_VARIANTS).get(tag, [])
+    assert why in reason
