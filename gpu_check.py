@@ -58,6 +58,12 @@ GPU_VARIANTS = (('gpu_kernels', ['--gpu-kernels']),
 VARIANT_MARGIN = 1.03
 
 
+def variant_key(tag, key):
+    """The benchmark row's key for figure ``key`` of variant ``tag`` (the
+    default fast path's own key for 'default')."""
+    return key if tag == 'default' else '{}_{}'.format(tag, key)
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_device_arguments(parser, default='@cupy:0')
@@ -331,7 +337,7 @@ class Check:
             ['--no-plain'] + list(flags), env) or {}
         for key in keys:
             if key in result:
-                row['{}_{}'.format(tag, key)] = result[key]
+                row[variant_key(tag, key)] = result[key]
 
     def kernel_profile(self, name, batch):
         """The GPU's side of a fast training step, kernel by kernel
@@ -387,9 +393,8 @@ class Check:
         tag, flags, reason = choose_training_variant(row, self.summary['steps'])
         # keep a minute for evaluate.py and visualize.py afterwards
         epochs = 1 if args.dry_run else self.epochs_that_fit(
-            self.seconds_left() - 75, row.get(
-                'train_samples_per_s' if tag == 'default' else
-                '{}_train_samples_per_s'.format(tag)))
+            self.seconds_left() - 75,
+            row.get(variant_key(tag, 'train_samples_per_s')))
         self.summary['training'] = {'epochs_planned': epochs,
                                     'train_size': 300 if args.dry_run
                                     else 60000, 'variant': tag,
@@ -537,9 +542,9 @@ def choose_training_variant(row, steps):
         return 'default', [], 'the default, as not every GPU test passed'
     key = 'train_back_to_back_samples_per_s'
     default = row.get(key)
-    timed = [(row['{}_{}'.format(tag, key)], tag, flags)
+    timed = [(row[variant_key(tag, key)], tag, flags)
              for tag, flags in GPU_VARIANTS
-             if isinstance(row.get('{}_{}'.format(tag, key)), (int, float))]
+             if isinstance(row.get(variant_key(tag, key)), (int, float))]
     if not isinstance(default, (int, float)) or not timed:
         return 'default', [], 'the default, as the variants were not timed'
     speed, tag, flags = max(timed)
