@@ -22,8 +22,8 @@ contiguous so that OpenBLAS does the work:
   ``squared_error``: the rest of the network, one node each, also written
   with the NumPy API alone: on the GPU they cut the number of Chainer
   function calls a step pays host time for.
-- Off until timed on a GPU: ``GPU_KERNELS`` (CuPy kernels for squash and
-  the routing's contractions) and ``GPU_CONVOLUTIONS`` (``conv2d_nchw``, a
+- Off until timed on a GPU: ``GPU_KERNELS`` (CuPy kernels for squash, the
+  routing's softmax and its contractions) and ``GPU_CONVOLUTIONS`` (``conv2d_nchw``, a
   convolution for the GPU without Chainer's extra copies of the columns).
 
 The parameters are the plain path's (Chainer's (O, C, kh, kw) convolution
@@ -437,7 +437,7 @@ def _squash_scale(squared):
 
 
 # --------------------------------------------------------------------------
-# CuPy kernels for squash and the routing's contractions (GPU_KERNELS)
+# CuPy kernels for squash and the routing (GPU_KERNELS)
 # --------------------------------------------------------------------------
 #
 # Through the NumPy API each step of squash and of its gradient is a kernel

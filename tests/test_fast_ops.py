@@ -159,6 +159,10 @@ def test_convolution_nodes_check_the_channels_on_their_own_axis():
 # calls them (axes, broadcasting, argument order) are checked here; on a GPU
 # tests/test_gpu.py checks the compiled kernels against the NumPy-API forms.
 
+# the C functions the kernel bodies call
+C_FUNCTIONS = {'sqrt': numpy.sqrt, 'exp': numpy.exp}
+
+
 def elementwise_stand_in(in_params, out_params, body):
     names = [param.split()[-1] for param in in_params.split(',')]
     output = out_params.split()[-1]
@@ -187,9 +191,6 @@ def sum_reduction_stand_in(in_params, out_params, map_expr, reduce_expr,
         mapped = eval(map_expr, C_FUNCTIONS, dict(zip(names, args)))
         return mapped.sum(axis=axis, keepdims=keepdims)
     return kernel
-
-
-C_FUNCTIONS = {'sqrt': numpy.sqrt, 'exp': numpy.exp}
 
 
 class StandInKernels:
