@@ -398,12 +398,12 @@ def random_shift(x, max_shift, random_state):
     b, c, h, w = x.shape
     offsets = xp.asarray(random_state.randint(-m, m + 1, size=(b, 2)))
     padded = xp.pad(x, ((0, 0), (0, 0), (m, m), (m, m)))
-    rows = xp.arange(h)[None, :] + (m - offsets[:, :1])  # (B, H)
-    cols = xp.arange(w)[None, :] + (m - offsets[:, 1:])  # (B, W)
-    return padded[xp.arange(b)[:, None, None, None],
-                  xp.arange(c)[None, :, None, None],
-                  rows[:, None, :, None],
-                  cols[:, None, None, :]]
+    # every H x W window of the padded images, a view (B, C, 2m+1, 2m+1,
+    # H, W): window (m - dy, m - dx) is the image shifted by (dy, dx), so
+    # one gather copies whole images instead of indexing every pixel
+    windows = xp.lib.stride_tricks.sliding_window_view(
+        padded, (h, w), axis=(2, 3))
+    return windows[xp.arange(b), :, m - offsets[:, 0], m - offsets[:, 1]]
 
 
 def main(argv=None):
