@@ -391,14 +391,18 @@ class Check:
         row = self.summary.get('benchmark', {}).get(
             str(args.batchsizes[0]), {})
         tag, flags, reason = choose_training_variant(row, self.summary['steps'])
+        # the trained variant's speed: it plans the epochs, and the report
+        # sets the epochs' times beside it
+        speed = row.get(variant_key(tag, 'train_samples_per_s'))
         # keep a minute for evaluate.py and visualize.py afterwards
         epochs = 1 if args.dry_run else self.epochs_that_fit(
-            self.seconds_left() - 75,
-            row.get(variant_key(tag, 'train_samples_per_s')))
+            self.seconds_left() - 75, speed)
         self.summary['training'] = {'epochs_planned': epochs,
                                     'train_size': 300 if args.dry_run
                                     else 60000, 'variant': tag,
-                                    'flags': flags, 'variant_reason': reason}
+                                    'flags': flags, 'variant_reason': reason,
+                                    'benchmark_batch': args.batchsizes[0],
+                                    'benchmark_samples_per_s': speed}
         status, _ = self.run(
             'train', [sys.executable, 'train.py', '--device', args.device,
                       '--data-dir', args.data_dir, '--reconstruct',
@@ -518,14 +522,14 @@ class Check:
                       for i, (sec, err) in enumerate(zip(
                           training['seconds_per_epoch'],
                           training['test_error_percent']))]
-            speed = s.get('benchmark', {}).get('100', {}).get(
-                'train_samples_per_s')
+            speed = training.get('benchmark_samples_per_s')
             if speed:
                 # what an epoch costs beyond its steps: data, checks,
                 # the test pass, snapshot and plots
-                lines += ['', "the benchmark's training speed at batch 100 "
+                lines += ['', "the benchmark's training speed at batch {} "
                           '({} samples/s) gives {:.1f} s of steps per epoch'
-                          .format(speed, training['train_size'] / speed)]
+                          .format(training['benchmark_batch'], speed,
+                                  training['train_size'] / speed)]
         self.write('summary.md', '\n'.join(lines) + '\n')
 
 

@@ -64,6 +64,9 @@ def test_dry_run_goes_through_every_step(tmp_path):
     training = summary['training']
     assert training['flags'] == dict(
         gpu_check.GPU_VARIANTS).get(training['variant'], [])
+    assert training['benchmark_batch'] == 8
+    assert training['benchmark_samples_per_s'] == row[gpu_check.variant_key(
+        training['variant'], 'train_samples_per_s')]
     report = (out / 'summary.md').read_text()
     assert '| 8 |' in report and '| epoch | seconds | test error % |' in report
     assert 'host side alone of the same functions' in report
@@ -157,11 +160,14 @@ def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
         ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
     check.summary.update(
         environment={'gpu': 'a GPU'},
-        benchmark={'100': {'train_samples_per_s': 6000.0}},
+        benchmark={'100': {'train_samples_per_s': 5000.0,
+                           'gpu_kernels_train_samples_per_s': 6000.0}},
         training={'epochs_planned': 2, 'train_size': 60000, 'epochs_done': 2,
                   'seconds_per_epoch': [16.2, 16.4],
                   'test_error_percent': [1.15, 0.79],
-                  'flags': ['--gpu-kernels'], 'variant_reason': 'WHY'})
+                  'flags': ['--gpu-kernels'], 'variant_reason': 'WHY',
+                  # the trained variant's speed, not the default's
+                  'benchmark_batch': 100, 'benchmark_samples_per_s': 6000.0})
     check.report()
     report = (tmp_path / 'o' / 'summary.md').read_text()
     assert ('full-MNIST training, --reconstruct --gpu-kernels: 2 epochs '
