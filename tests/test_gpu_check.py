@@ -93,6 +93,13 @@ def test_bad_flags_are_one_line(flags, fragment, tmp_path):
     assert_one_error(result, fragment, status=2)
 
 
+@pytest.fixture
+def check(tmp_path):
+    """A Check, not run, with --data-dir tmp_path and --out tmp_path/o."""
+    return gpu_check.Check(gpu_check.parse_args(
+        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+
+
 def alive(pid):
     """Whether process pid runs (a zombie, killed but not yet reaped by
     whoever adopted it, does not)."""
@@ -104,9 +111,7 @@ def alive(pid):
 
 
 def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
-        tmp_path):
-    check = gpu_check.Check(gpu_check.parse_args(
-        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+        check, tmp_path):
     pid_file = tmp_path / 'grandchild.pid'
     stuck = [sys.executable, '-c', (
         'import subprocess, sys, time; child = subprocess.Popen([sys.executable'
@@ -139,11 +144,8 @@ def test_tests_run_together_stop_at_their_timeout_with_what_they_started(
     ('fast : train\n', None),
     ('{"cut short\n', None),
 ])
-def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
+def test_benchmark_result_is_its_json_line(output, expected, check,
                                            monkeypatch):
-    check = gpu_check.Check(gpu_check.parse_args(
-        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
-
     def run(step, command, log, timeout, env=None):
         check.summary['steps'][step] = {'status': 0}
         return 0, output
@@ -155,9 +157,8 @@ def test_benchmark_result_is_its_json_line(output, expected, tmp_path,
     assert status == (0 if expected else 'exit 0 without a JSON line')
 
 
-def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
-    check = gpu_check.Check(gpu_check.parse_args(
-        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
+def test_report_sets_epoch_times_beside_the_steps_they_hold(check,
+                                                             tmp_path):
     check.summary.update(
         environment={'gpu': 'a GPU'},
         benchmark={'100': {'train_samples_per_s': 5000.0,
@@ -177,10 +178,8 @@ def test_report_sets_epoch_times_beside_the_steps_they_hold(tmp_path):
             'steps per epoch') in report
 
 
-def test_report_says_whether_the_speed_target_is_met(tmp_path):
+def test_report_says_whether_the_speed_target_is_met(check, tmp_path):
     """Our fastest variant per batch size against PyTorch eager."""
-    check = gpu_check.Check(gpu_check.parse_args(
-        ['--data-dir', str(tmp_path), '--out', str(tmp_path / 'o')]))
     check.summary.update(environment={'gpu': 'a GPU'}, benchmark={
         '100': {'train_samples_per_s': 6000.0,
                 'gpu_both_train_back_to_back_samples_per_s': 9000.0,
