@@ -631,7 +631,8 @@ def outer_sum(weights, vectors, batched_gemm):
 class DigitCapsules(function_node.FunctionNode):
     """u_hat = W u, then Procedure 1 for r iterations.
 
-    Inputs: u (B, I, K) primary capsules, W (I, J, D, K).
+    Inputs: u (B, I, K) primary capsules, W (I, J, D, K), and optionally
+    b (J, D), a bias added to s_j in every iteration (the official recipe).
     Output: v (B, J, D). ``self.coupling`` holds the last c as (B, I, J).
     Internally u_hat is laid out (I, B, J, D): the prediction GEMMs are
     batched over i, and every routing pass reads it front to back.
@@ -644,14 +645,15 @@ class DigitCapsules(function_node.FunctionNode):
         self.n_iterations = n_iterations
 
     def check_type_forward(self, in_types):
-        type_check.expect(in_types.size() == 2)
-        u, W = in_types
+        type_check.expect(in_types.size() >= 2, in_types.size() <= 3)
+        u, W = in_types[:2]
         type_check.expect(u.dtype.kind == 'f', W.dtype == u.dtype,
                           u.ndim == 3, W.ndim == 4, u.shape[1] == W.shape[0],
                           u.shape[2] == W.shape[3])
 
     def forward(self, inputs):
-        u, W = inputs
+        u, W = inputs[:2]
+        bias = inputs[2] if len(inputs) == 3 else None
         xp = backend.get_array_module(u)
         n_in, n_out, dim_out, dim_in = W.shape
         batch = u.shape[0]
@@ -670,6 +672,8 @@ class DigitCapsules(function_node.FunctionNode):
             else:
                 c = _softmax(logits, axis=2)
             s = sum_over_inputs(c, u_hat)
+            if bias is not None:
+                s += bias
             v = squash_forward(s)
             self.c.append(c)
             self.s.append(s)
@@ -691,6 +695,7 @@ class DigitCapsules(function_node.FunctionNode):
         weights, vectors = [], []
 
         gv_final = grad_outputs[0].array
+        g_bias = 0                # b_j's gradient: every iteration's g_s_j
         g_logits_next = None      # gradient for the logits after iteration r
         for r in reversed(range(self.n_iterations)):
             if g_logits_next is None:      # r is the last iteration: v_r is v
@@ -702,6 +707,8 @@ class DigitCapsules(function_node.FunctionNode):
                 weights.append(g_logits_next)
                 vectors.append(self.v[r])
             gs = squash_backward(self.s[r], gv)
+            if 2 in indexes:
+                g_bias = g_bias + gs.sum(axis=0)
             weights.append(self.c[r])
             vectors.append(gs)
             if r > 0:   # the first logits are constant zeros
@@ -720,19 +727,22 @@ class DigitCapsules(function_node.FunctionNode):
             grads[1] = xp.ascontiguousarray(
                 g_W_t.reshape(n_in, dim_in, n_out, dim_out)
                 .transpose(0, 2, 3, 1))
+        if 2 in indexes:
+            grads[2] = g_bias
         self.u_hat = self.u_t = self.c = self.s = self.v = None
         return tuple(chainer.Variable(grads[i]) if i in grads else None
                      for i in indexes)
 
 
-def digit_capsules(u, W, n_iterations):
+def digit_capsules(u, W, n_iterations, bias=None):
     """(B, I, K) primary capsules -> v (B, J, D), last coupling c (B, I, J).
 
-    Same result as ``nets.dynamic_routing(nets.prediction_vectors(u, W))``;
-    c is returned as an array (it carries no gradient).
+    Same result as ``nets.dynamic_routing(nets.prediction_vectors(u, W),
+    n_iterations, bias)``; c is returned as an array (it carries no
+    gradient). ``bias``: None, or b_j (J, D) added to s_j every iteration.
     """
     node = DigitCapsules(n_iterations)
-    v, = node.apply((u, W))
+    v, = node.apply((u, W) if bias is None else (u, W, bias))
     return v, node.coupling
 
 

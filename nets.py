@@ -34,6 +34,68 @@ DIGIT_DIM = 16
 M_PLUS, M_MINUS, LAMBDA_ABSENT = 0.9, 0.1, 0.5
 RECONSTRUCTION_WEIGHT = 0.0005
 
+# The two recipes' model options (train.py --recipe). 'paper' is the paper
+# as written (and this project's behaviour before recipes existed);
+# 'official' follows the authors' released code (Sarasra/models,
+# research/capsules), point by point in docs/model.md:
+# - digit_bias: models/layers/layers.py, capsule() and _update_routing():
+#   a bias b_j (J, D) added to s_j in every routing iteration;
+# - primary_scale: layers.py, conv_slim_capsule() with num_routing=1 and
+#   input_dim=1: the softmax over the 32 capsule types makes every coupling
+#   1/32, so the primary capsules' pre-activation is conv(x)/32 + bias;
+# - init: truncated normals and 0.1 biases, layers.py (variables.
+#   weight_variable / bias_variable, reconstruction()) and
+#   models/capsule_model.py, inference() (conv1's sigma 0.05);
+# - margin_scale: layers.py, _margin_loss() and evaluate(): 0.5 * Eq. 4's
+#   terms, averaged over the classes as well as the batch, i.e. 0.5 / J =
+#   0.05 of the paper's sum over the classes (the reconstruction term stays
+#   0.0005 x the pixel sum averaged over the batch, capsule_model.py,
+#   _remake()).
+RECIPES = {
+    'paper': dict(digit_bias=False, primary_scale=1.0, init='paper',
+                  margin_scale=1.0),
+    'official': dict(digit_bias=True, primary_scale=1 / N_PRIMARY_TYPES,
+                     init='official', margin_scale=0.5 / 10),
+}
+RECIPE_DEFAULTS = RECIPES['paper']
+
+
+class TruncatedNormal(chainer.initializer.Initializer):
+    """TensorFlow's truncated normal: N(0, sigma^2) redrawn outside two
+    sigmas (scipy.stats.truncnorm, from NumPy's global generator, so that
+    numpy.random.seed fixes it as it fixes Chainer's own initializers)."""
+
+    def __init__(self, scale, dtype=None):
+        self.scale = scale
+        super().__init__(dtype)
+
+    def __call__(self, array):
+        import scipy.stats
+        values = scipy.stats.truncnorm.rvs(-2, 2, scale=self.scale,
+                                           size=array.shape)
+        array[...] = backend.get_array_module(array).asarray(
+            values, dtype=array.dtype)
+
+
+def initializers(init):
+    """The initializers of each layer for ``init`` 'paper' (Chainer's
+    defaults: LeCun normal, zero biases; W_ij N(0, 0.01^2)) or 'official'
+    (the authors' truncated normals and 0.1 biases): the layers' keyword
+    arguments, and W_ij's and the digit capsules' bias b_j's initializer."""
+    def layer(initialW=None, initial_bias=None):
+        return dict(initialW=initialW, initial_bias=initial_bias)
+    if init == 'paper':
+        return dict(conv1=layer(), primary=layer(), decoder=layer(),
+                    W=chainer.initializers.Normal(0.01), digit_b=None)
+    if init == 'official':
+        bias = chainer.initializers.Constant(0.1)
+        return dict(conv1=layer(TruncatedNormal(0.05), bias),
+                    primary=layer(TruncatedNormal(0.1), bias),
+                    decoder=layer(TruncatedNormal(0.1), bias),
+                    W=TruncatedNormal(0.1), digit_b=bias)
+    raise ValueError("init must be 'paper' or 'official', got {!r}"
+                     .format(init))
+
 
 # --------------------------------------------------------------------------
 # The paper's named units
@@ -62,12 +124,14 @@ def squash(s, axis=-1):
     return F.broadcast_to(scale, s.shape) * s
 
 
-def dynamic_routing(u_hat, n_iterations):
+def dynamic_routing(u_hat, n_iterations, bias=None):
     """Procedure 1: routing by agreement.
 
     Args:
         u_hat: (B, I, J, D) prediction vectors u_hat_{j|i}, computed once.
         n_iterations: r >= 1.
+        bias: None (the paper), or b_j (J, D) added to s_j in every
+            iteration (the authors' code: the official recipe).
     Returns:
         v: (B, J, D) digit capsules; c: (B, I, J) the last coupling
         coefficients (softmax of the logits b_ij over j, per sample).
@@ -79,6 +143,8 @@ def dynamic_routing(u_hat, n_iterations):
         c = F.softmax(logits, axis=2)
         s = F.sum(F.broadcast_to(c[:, :, :, None], u_hat.shape) * u_hat,
                   axis=1)
+        if bias is not None:
+            s = s + F.broadcast_to(bias, s.shape)
         v = squash(s)
         if iteration < n_iterations - 1:
             agreement = F.sum(
@@ -198,12 +264,13 @@ class Decoder(chainer.Chain):
     Input (B, J * D) masked digit capsules; output (B, n_pixels) in (0, 1).
     """
 
-    def __init__(self, n_in, n_pixels):
+    def __init__(self, n_in, n_pixels, initialW=None, initial_bias=None):
         super().__init__()
+        init = dict(initialW=initialW, initial_bias=initial_bias)
         with self.init_scope():
-            self.fc1 = L.Linear(n_in, 512)
-            self.fc2 = L.Linear(512, 1024)
-            self.fc3 = L.Linear(1024, n_pixels)
+            self.fc1 = L.Linear(n_in, 512, **init)
+            self.fc2 = L.Linear(512, 1024, **init)
+            self.fc3 = L.Linear(1024, n_pixels, **init)
 
     def layers(self):
         """[(W, b)] of the three layers, first to last."""
@@ -243,13 +310,18 @@ class CapsNet(chainer.Chain):
             on the GPU all but the convolutions. None (the default) picks
             them on both; False keeps the plain path. Not part of the
             architecture and not saved.
+        digit_bias, primary_scale, init, margin_scale: the recipe's points
+            (``RECIPES``); the defaults are the paper's. Options that keep
+            their default are left out of ``options`` (model files and
+            snapshots from before recipes existed have none of them).
     """
 
     arch = 'capsnet'
 
     def __init__(self, routing=3, reconstruct=True, activation='relu',
                  leaky_slope=0.01, share_weights=False, input_size=28,
-                 n_classes=10, fast=None):
+                 n_classes=10, fast=None, digit_bias=False, primary_scale=1.0,
+                 init='paper', margin_scale=1.0):
         super().__init__()
         if routing < 1:
             raise ValueError('routing must be >= 1, got {}'.format(routing))
@@ -264,6 +336,15 @@ class CapsNet(chainer.Chain):
             activation=activation, leaky_slope=float(leaky_slope),
             share_weights=bool(share_weights), input_size=int(input_size),
             n_classes=int(n_classes))
+        recipe = dict(digit_bias=bool(digit_bias),
+                      primary_scale=float(primary_scale), init=init,
+                      margin_scale=float(margin_scale))
+        self.options.update({key: value for key, value in recipe.items()
+                             if value != RECIPE_DEFAULTS[key]})
+        self.digit_bias = recipe['digit_bias']
+        self.primary_scale = recipe['primary_scale']
+        self.margin_scale = recipe['margin_scale']
+        init = initializers(init)
         self.routing = routing
         self.reconstruct = reconstruct
         self.input_size = input_size
@@ -273,15 +354,19 @@ class CapsNet(chainer.Chain):
         self.n_primary = N_PRIMARY_TYPES * self.grid * self.grid
         w_rows = N_PRIMARY_TYPES if share_weights else self.n_primary
         with self.init_scope():
-            self.conv1 = L.Convolution2D(1, 256, 9)
+            self.conv1 = L.Convolution2D(1, 256, 9, **init['conv1'])
             self.primary = L.Convolution2D(
-                256, N_PRIMARY_TYPES * PRIMARY_DIM, 9, stride=2)
+                256, N_PRIMARY_TYPES * PRIMARY_DIM, 9, stride=2,
+                **init['primary'])
             self.W = chainer.Parameter(
-                chainer.initializers.Normal(0.01),
-                (w_rows, n_classes, DIGIT_DIM, PRIMARY_DIM))
+                init['W'], (w_rows, n_classes, DIGIT_DIM, PRIMARY_DIM))
+            if self.digit_bias:
+                self.digit_b = chainer.Parameter(init['digit_b'],
+                                                 (n_classes, DIGIT_DIM))
             if reconstruct:
                 self.decoder = Decoder(n_classes * DIGIT_DIM,
-                                       input_size * input_size)
+                                       input_size * input_size,
+                                       **init['decoder'])
 
     # -- pieces ------------------------------------------------------------
 
@@ -306,6 +391,14 @@ class CapsNet(chainer.Chain):
                            + self.W.shape[1:])
         return F.reshape(W, (self.n_primary,) + self.W.shape[1:])
 
+    def primary_weights(self):
+        """PrimaryCaps' kernel as the convolution uses it: scaled by
+        ``primary_scale`` (the official recipe's one-iteration routing over
+        the 32 types, so that its pre-activation is conv(x)/32 + bias)."""
+        if self.primary_scale == 1:
+            return self.primary.W
+        return self.primary.W * self.primary.W.dtype.type(self.primary_scale)
+
     def _hwbc_convolutions(self):
         """Whether the convolutions are fast_ops' own (the fast path on the
         CPU); on the GPU the fast path keeps Chainer's convolutions."""
@@ -323,8 +416,9 @@ class CapsNet(chainer.Chain):
             h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
                                       (1, 2, 0)), (side, side, batch, 1))
             h = fast_ops.conv2d_hwbc(h, self.conv1.W, self.conv1.b)
-            h = fast_ops.conv2d_hwbc(self._activation(h), self.primary.W,
-                                     self.primary.b, stride=2, method='dft')
+            h = fast_ops.conv2d_hwbc(self._activation(h),
+                                     self.primary_weights(), self.primary.b,
+                                     stride=2, method='dft')
             # (grid, grid, B, types, K) -> (B, types, grid, grid, K)
             split = (grid, grid, batch, N_PRIMARY_TYPES, PRIMARY_DIM)
             axes = (2, 3, 0, 1, 4)
@@ -332,10 +426,14 @@ class CapsNet(chainer.Chain):
             if self._use_fast() and fast_ops.GPU_CONVOLUTIONS:
                 h = fast_ops.conv2d_nchw(x, self.conv1.W, self.conv1.b)
                 h = fast_ops.conv2d_nchw(
-                    self._activation(h), self.primary.W, self.primary.b,
-                    stride=self.primary.stride[0])
-            else:
+                    self._activation(h), self.primary_weights(),
+                    self.primary.b, stride=self.primary.stride[0])
+            elif self.primary_scale == 1:
                 h = self.primary(self._activation(self.conv1(x)))
+            else:
+                h = F.convolution_2d(
+                    self._activation(self.conv1(x)), self.primary_weights(),
+                    self.primary.b, stride=self.primary.stride)
             # (B, types, K, grid, grid) -> (B, types, grid, grid, K)
             split = (batch, N_PRIMARY_TYPES, PRIMARY_DIM, grid, grid)
             axes = (0, 1, 3, 4, 2)
@@ -347,11 +445,12 @@ class CapsNet(chainer.Chain):
 
     def digit_capsules(self, u):
         """(B, I, K) -> v (B, J, D) and the last coupling c (B, I, J)."""
+        bias = self.digit_b if self.digit_bias else None
         if self._use_fast():
             return fast_ops.digit_capsules(u, self.digit_weights(),
-                                           self.routing)
+                                           self.routing, bias)
         return dynamic_routing(prediction_vectors(u, self.digit_weights()),
-                               self.routing)
+                               self.routing, bias)
 
     def capsules(self, x):
         """(B, 1, S, S) images -> v (B, J, D) digit capsules."""
@@ -373,10 +472,15 @@ class CapsNet(chainer.Chain):
         """(Eq. 4 as a scalar Variable, the lengths (B, J) as an array) for
         v (B, J, D) and the present classes (B, J)."""
         if self._use_fast():
-            return fast_ops.margin_loss(v, present, M_PLUS, M_MINUS,
-                                        LAMBDA_ABSENT)
-        lengths = self.lengths(v)
-        return margin_loss_present(lengths, present), lengths.array
+            loss, lengths = fast_ops.margin_loss(v, present, M_PLUS, M_MINUS,
+                                                 LAMBDA_ABSENT)
+        else:
+            lengths = self.lengths(v)
+            loss, lengths = margin_loss_present(lengths, present), \
+                lengths.array
+        if self.margin_scale != 1:
+            loss = loss * loss.dtype.type(self.margin_scale)
+        return loss, lengths
 
     def _reconstruction_loss(self, reconstruction, x):
         if self._use_fast():
@@ -439,11 +543,11 @@ class TwoDigitCapsNet(CapsNet):
 
     def __init__(self, routing=3, reconstruct=True, activation='relu',
                  leaky_slope=0.01, share_weights=False, input_size=36,
-                 n_classes=10, fast=None):
+                 n_classes=10, fast=None, **recipe):
         super().__init__(routing=routing, reconstruct=reconstruct,
                          activation=activation, leaky_slope=leaky_slope,
                          share_weights=share_weights, input_size=input_size,
-                         n_classes=n_classes, fast=fast)
+                         n_classes=n_classes, fast=fast, **recipe)
 
     def predict(self, x):
         """(B, 1, S, S) -> (the two longest classes (B, 2), lengths (B, J))."""

@@ -39,6 +39,24 @@ from chainer.training.extensions import snapshot_writers
 
 INTERRUPTED = 'interrupted; resume with --autoload'
 
+# The training settings of each recipe (the model's are nets.RECIPES); a
+# flag given on the command line wins. 'official' follows the authors'
+# experiment.py: train() reads batches of 128, and default_hparams() with
+# models/model.py decay Adam's 1e-3 by 0.96 ** (step / 2000), no floor.
+RECIPE_SETTINGS = {
+    'paper': dict(batchsize=100, decay=0.95, decay_steps=None,
+                  alpha_floor=1e-5),
+    'official': dict(batchsize=128, decay=0.96, decay_steps=2000,
+                     alpha_floor=0.0),
+}
+
+
+def apply_recipe(args):
+    """Fill the settings left unset on the command line from --recipe."""
+    for key, value in RECIPE_SETTINGS[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
 
 def build_parser():
     parser = cli.ArgumentParser(
@@ -53,18 +71,29 @@ def build_parser():
         help='continue from this snapshot (a snapshot_epoch_N in --out)')
     add('--autoload', action='store_true',
         help='continue from the newest snapshot in --out, if any')
-    add('--batchsize', '-b', type=cli.positive_int, default=100,
-        help='examples per training step')
+    add('--recipe', default='paper', choices=sorted(RECIPE_SETTINGS),
+        help="paper: the paper as written; official: the authors' released "
+             'code (loss scaling, learning-rate schedule and batch, '
+             'initialisation and biases; docs/model.md)')
+    add('--batchsize', '-b', type=cli.positive_int, default=None,
+        help='examples per training step (paper recipe: 100, official: '
+             '128)')
     add('--epoch', '--epochs', '-e', type=cli.positive_int, default=30,
         help='epochs to train')
     add('--seed', '-s', type=cli.seed, default=0,
         help='seed of the initialisation, the shuffling and the shifts')
     add('--alpha', type=cli.positive_float, default=1e-3,
         help="Adam's learning rate")
-    add('--decay', type=cli.fraction, default=0.95,
-        help="per-epoch factor of Adam's alpha (1: constant)")
-    add('--alpha-floor', type=cli.non_negative_float, default=1e-5,
-        help='alpha never decays below this')
+    add('--decay', type=cli.fraction, default=None,
+        help="factor of Adam's alpha per epoch, or per --decay-steps steps "
+             '(1: constant; paper recipe: 0.95 per epoch, official: 0.96 '
+             'per 2000 steps)')
+    add('--decay-steps', type=cli.positive_int, default=None,
+        help='decay alpha continuously, by --decay every this many steps '
+             "(the authors' schedule), instead of once per epoch")
+    add('--alpha-floor', type=cli.non_negative_float, default=None,
+        help='alpha never decays below this (paper recipe: 1e-5, '
+             'official: 0)')
     add('--dataset', default='mnist', choices=datasets.dataset_names(),
         help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
@@ -115,7 +144,7 @@ def model_options(args):
     options = dict(routing=args.routing, reconstruct=args.reconstruct,
                    activation=args.activation, leaky_slope=args.leaky_slope,
                    share_weights=args.share_weights,
-                   input_size=args.input_size)
+                   input_size=args.input_size, **nets.RECIPES[args.recipe])
     if args.arch != 'capsnet':
         options = dict(input_size=args.input_size)
     return options
@@ -300,8 +329,9 @@ def resume(trainer, args, comm=None):
 def run_settings(args):
     """The settings a snapshot fixes besides the network: resuming with
     others is refused (RecordOptions), so final.json holds what was used."""
-    return dict(batchsize=args.batchsize, seed=args.seed, alpha=args.alpha,
-                decay=args.decay, alpha_floor=args.alpha_floor,
+    return dict(recipe=args.recipe, batchsize=args.batchsize, seed=args.seed,
+                alpha=args.alpha, decay=args.decay,
+                decay_steps=args.decay_steps, alpha_floor=args.alpha_floor,
                 train_size=args.train_size, test_size=args.test_size,
                 validation=args.validation, max_shift=args.max_shift)
 
@@ -324,8 +354,9 @@ def write_summary(args, model, n_params, sizes, validation, final,
                'parameters': int(n_params), 'train_size': train_size,
                'validation_size': len(validation) if validation else 0,
                'test_size': test_size, 'seed': args.seed,
-               'batchsize': args.batchsize, 'alpha': args.alpha,
-               'decay': args.decay, 'alpha_floor': args.alpha_floor,
+               'recipe': args.recipe, 'batchsize': args.batchsize,
+               'alpha': args.alpha, 'decay': args.decay,
+               'decay_steps': args.decay_steps, 'alpha_floor': args.alpha_floor,
                'max_shift': args.max_shift,
                'eval_batchsize': args.eval_batchsize}
     if resumed_from:
@@ -356,6 +387,7 @@ def main(argv=None):
     # Flags, and the output paths checked before anything is computed
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_recipe(args)
     gpu_pieces = [flag for flag, on in (('--gpu-kernels', args.gpu_kernels),
                                         ('--gpu-convolutions',
                                          args.gpu_convolutions)) if on]
@@ -485,7 +517,10 @@ def main(argv=None):
                 'val/main/accuracy', os.path.join(args.out,
                                                   'model_best_val.npz')))
     # ... the learning rate's decay, and a stop on NaN
-    if args.decay < 1:
+    if args.decay < 1 and args.decay_steps:
+        trainer.extend(ext.StepDecay('alpha', args.alpha, args.decay,
+                                     args.decay_steps, args.alpha_floor))
+    elif args.decay < 1:
         trainer.extend(extensions.ExponentialShift(
             'alpha', args.decay, target=args.alpha_floor),
             trigger=(1, 'epoch'))

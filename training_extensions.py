@@ -82,6 +82,33 @@ class AugmentingUpdater(training.updaters.StandardUpdater):
             serialize_random_state(serializer[name], state)
 
 
+class StepDecay(training.Extension):
+    """``attr`` = initial * rate ** (iteration / steps), floored at
+    ``floor``, set after every step for the next one: the continuous
+    exponential decay of the authors' code (tf.train.exponential_decay in
+    research/capsules/models/model.py). Computed from the iteration count
+    alone, so a resumed run continues the same schedule exactly."""
+    trigger = 1, 'iteration'
+    priority = training.PRIORITY_EDITOR
+
+    def __init__(self, attr, initial, rate, steps, floor=0.0,
+                 optimizer='main'):
+        self.attr, self.initial = attr, initial
+        self.rate, self.steps, self.floor = rate, steps, floor
+        self.optimizer = optimizer
+
+    def value(self, iteration):
+        return max(self.initial * self.rate ** (iteration / self.steps),
+                   self.floor)
+
+    def initialize(self, trainer):
+        self(trainer)
+
+    def __call__(self, trainer):
+        setattr(trainer.updater.get_optimizer(self.optimizer), self.attr,
+                self.value(trainer.updater.iteration))
+
+
 class RecordOptions(training.Extension):
     """Keeps the network's and the data's options in every snapshot.
 
