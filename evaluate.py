@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-import cli
+from capsnet import cli
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
@@ -32,11 +32,12 @@ import numpy
 
 from matplotlib.figure import Figure
 
-import datasets
-import devices
-import figures
-import model_io
-from cli import fail
+from capsnet.data import mnist
+from capsnet import devices
+from capsnet import figures
+from capsnet import files
+import nets
+from capsnet.cli import fail
 
 MAX_SHOWN = 100
 SHOWN_COLS = 10
@@ -171,7 +172,7 @@ def build_parser():
     add = parser.add_argument
     add('--load', required=True, help='model file written by train.py '
                                       '--save')
-    add('--dataset', default='mnist', choices=datasets.dataset_names(),
+    add('--dataset', default='mnist', choices=mnist.dataset_names(),
         help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
@@ -226,17 +227,17 @@ def report_lines(result):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = model_io.load_model_or_fail(args.load, need_capsnet=False,
+    model = files.load_model_or_fail(args.load, nets.ARCHITECTURES, need_capsnet=False,
                                        purpose='evaluate.py')
     device = devices.select_device(args)
     cli.check_writable(args.out)
     try:
-        _, _, test = datasets.get_mnist_like(
+        _, _, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir, test_size=args.test_size,
             input_size=model.input_size)
-    except datasets.DatasetError as e:
+    except mnist.DatasetError as e:
         fail(e)
-    x, t = datasets.to_arrays(test)
+    x, t = mnist.to_arrays(test)
     model.to_device(device)
 
     report = sys.stderr if args.json else sys.stdout
@@ -271,7 +272,7 @@ def main(argv=None):
                                   'misclassified (first {} of {}): p '
                                   'predicted, t true'.format(
                                       len(wrong), result['errors'])))
-        model_io.write_text(paths['evaluation.json'], json_text(result))
+        files.write_text(paths['evaluation.json'], json_text(result))
     except OSError as e:
         fail('cannot write into {} ({}); choose another --out'.format(
             args.out, e.strerror or e))

@@ -39,20 +39,21 @@ import subprocess
 import sys
 import time
 
-import cli
+from capsnet import cli
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
-import datasets
-import model_io
+from capsnet.data import mnist
+from capsnet import files
+import nets
 import paper_experiments
-import training_extensions
+from capsnet.training import extensions as ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SCRIPT = os.path.join(HERE, 'train.py')
 
-FULL_SIZES = {name: (datasets.TRAIN_SIZE, datasets.TEST_SIZE)
-              for name in datasets.dataset_names()}
+FULL_SIZES = {name: (mnist.TRAIN_SIZE, mnist.TEST_SIZE)
+              for name in mnist.dataset_names()}
 DATASET_TITLES = {'mnist': 'MNIST', 'fashion-mnist': 'Fashion-MNIST'}
 
 # Table 1 of the paper: MNIST test error %, mean and std over 3 trials
@@ -169,7 +170,7 @@ def is_finished(folder, epochs):
 
 
 def newest_snapshot_epoch(folder):
-    return max(training_extensions.snapshots(folder), default=None)
+    return max(ext.snapshots(folder), default=None)
 
 
 def read_run_info(folder):
@@ -241,7 +242,7 @@ def do_run(row, trial, args):
                 command=shlex.join(command), epochs=args.epoch)
     info.setdefault('wall_seconds', 0.0)
     info.setdefault('invocations', 0)
-    model_io.write_text(os.path.join(folder, 'run.json'),
+    files.write_text(os.path.join(folder, 'run.json'),
                      json.dumps(info, indent=2) + '\n')
     print('=== {} trial {} (seed {}): {}'.format(
         _row(row)['name'], trial, run_seed(args, trial),
@@ -250,7 +251,7 @@ def do_run(row, trial, args):
     info['wall_seconds'] += seconds
     info['invocations'] += 1
     info['last_exit_status'] = status
-    model_io.write_text(os.path.join(folder, 'run.json'),
+    files.write_text(os.path.join(folder, 'run.json'),
                      json.dumps(info, indent=2) + '\n')
     return status == 0 and is_finished(folder, args.epoch)
 
@@ -454,9 +455,9 @@ def write_results(args):
         device='CPU' if cli.device_spec(args.device) == '@numpy'
         else cli.device_spec(args.device),
         error='final-epoch test error (not best-on-test)', std=STD_KIND)
-    model_io.write_text(os.path.join(args.out, 'results.json'), json.dumps(
+    files.write_text(os.path.join(args.out, 'results.json'), json.dumps(
         dict(meta=meta, runs=runs, summary=summary), indent=2) + '\n')
-    model_io.write_text(os.path.join(args.out, 'table.md'),
+    files.write_text(os.path.join(args.out, 'table.md'),
                      render_table(summary, meta))
     return runs, summary
 
@@ -584,11 +585,11 @@ def add_paper_commands(commands):
 
 def paper_command(args):
     """Run multimnist, affnist or figure5; errors are one line."""
-    import paper_datasets
+    from capsnet.data import paper
     args.date = _now()
     args.machine = machine_description()
     if args.table != 'figure5':
-        import devices
+        from capsnet import devices
         args.chainer_device = devices.select_device(args)
     try:
         cli.check_writable(args.out)
@@ -602,7 +603,7 @@ def paper_command(args):
                          'folder; pass the .mat file' if os.path.isdir(
                              args.affnist) else 'does not exist'))
             paper_experiments.run_affnist(args)
-    except (paper_datasets.DataError, datasets.DatasetError,
+    except (paper.DataError, mnist.DatasetError,
             paper_experiments.RunConflict) as e:
         cli.fail(e)
     print('{} and {}'.format(os.path.join(args.out, 'results.json'),
@@ -611,25 +612,25 @@ def paper_command(args):
 
 
 def figure5(args):
-    import figures
-    import paper_datasets
+    from capsnet import figures
+    from capsnet.data import paper
     try:
-        model = model_io.load_model(args.load)
-    except model_io.ModelFileError as e:
+        model = files.load_model(args.load, nets.ARCHITECTURES)
+    except files.ModelFileError as e:
         cli.fail(e)
     if model.arch != 'capsnet-multimnist' or not model.reconstruct:
         cli.fail('{} holds a {} model; figure5 needs the MultiMNIST CapsNet '
                  'with its decoder (experiments.py multimnist, row capsnet)'
                  .format(args.load, model.arch))
-    images, labels = paper_datasets.load_mnist_arrays(args.data_dir)['test']
+    images, labels = paper.load_mnist_arrays(args.data_dir)['test']
     n = min(args.test_digits, len(images))
-    data = paper_datasets.multimnist(images[:n], labels[:n], 1,
+    data = paper.multimnist(images[:n], labels[:n], 1,
                                      args.data_seed, split='test')
     mosaic, rows = paper_experiments.figure5(model, data, args.right,
                                              args.wrong)
     path = os.path.join(args.out, 'figure5.png')
     figures.save_image(path, mosaic)
-    model_io.write_text(os.path.join(args.out, 'figure5.json'), json.dumps(
+    files.write_text(os.path.join(args.out, 'figure5.json'), json.dumps(
         dict(load=args.load, rows=rows, columns=[
             'input', 'reconstructions from the two longest capsules (red '
             'the longer, green the other)', 'forced from the true labels '
@@ -663,7 +664,7 @@ def table1(args):
                  'smaller --seed'.format(args.seed, args.trials,
                                          cli.SEED_MAX), 2)
     cli.check_writable(args.out)
-    lock = model_io.lock_folder(args.out, 'experiments.py')
+    lock = files.lock_folder(args.out, 'experiments.py')
     failed = []
     for row, trial in [] if args.collect_only else jobs:
         if is_finished(run_dir(args.out, row, trial), args.epoch):
@@ -675,7 +676,7 @@ def table1(args):
     print('{} finished runs; {} and {}'.format(
         len(runs), os.path.join(args.out, 'results.json'),
         os.path.join(args.out, 'table.md')))
-    model_io.unlock(lock)
+    files.unlock(lock)
     if failed:
         sys.stderr.write('error: {} run(s) did not finish; see train.log in '
                          '{}\n'.format(len(failed), ', '.join(failed)))

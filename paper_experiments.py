@@ -23,14 +23,14 @@ import zipfile
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import cli
-import figures
-import model_io
+from capsnet import cli
+from capsnet import figures
+from capsnet import files
 import nets
-import paper_datasets as pdata
+from capsnet.data import paper as pdata
 
 ALPHA, ALPHA_FLOOR, DECAY = 1e-3, 1e-5, 0.95
 # train.py multiplies alpha by 0.95 once per MNIST epoch: 600 steps of 100
@@ -97,7 +97,7 @@ def save_snapshot(path, model, optimizer, rs, step, history):
     arrays.update(_rng_arrays('rng/global/', numpy.random.get_state()))
     arrays['step'] = numpy.array(step)
     arrays['history'] = numpy.array(json.dumps(history))
-    model_io.atomic_write(path, lambda f: numpy.savez(f, **arrays))
+    files.atomic_write(path, lambda f: numpy.savez(f, **arrays))
 
 
 def load_snapshot(path, model, optimizer, rs):
@@ -249,14 +249,14 @@ def prepare_run(folder, config):
                                                          'model.npz')):
         return final
     os.makedirs(folder, exist_ok=True)
-    model_io.write_text(os.path.join(folder, 'run.json'),
+    files.write_text(os.path.join(folder, 'run.json'),
                         json.dumps(dict(config=config), indent=2) + '\n')
     return None
 
 
 def finish_run(folder, model, final):
-    model_io.save_model(os.path.join(folder, 'model.npz'), model)
-    model_io.write_text(os.path.join(folder, 'final.json'),
+    files.save_model(os.path.join(folder, 'model.npz'), model)
+    files.write_text(os.path.join(folder, 'final.json'),
                         json.dumps(final, indent=2) + '\n')
     # the model and final.json hold all that is kept; the snapshot (weights
     # and Adam's moments, ~150 MB for these networks) only served a resume
@@ -284,7 +284,7 @@ def fmt(mean, std, n):
 # --------------------------------------------------------------------------
 
 def multimnist_data(args, log=print):
-    """(train, test) dicts of paper_datasets.multimnist, cached in
+    """(train, test) dicts of paper.multimnist, cached in
     OUT/data/ with their settings (DataError if a cache differs)."""
     arrays = pdata.load_mnist_arrays(args.data_dir)
     folder = os.path.join(args.out, 'data')
@@ -304,7 +304,7 @@ def multimnist_data(args, log=print):
             split, n_digits, pairs, path))
         out.append(pdata.cached_multimnist(
             path, images[:n_digits], labels[:n_digits], settings,
-            write=model_io.atomic_write))
+            write=files.atomic_write))
     return out
 
 
@@ -431,9 +431,9 @@ def write_multimnist_table(args):
 
 
 def _write_tables(out, meta, summary, lines):
-    model_io.write_text(os.path.join(out, 'results.json'), json.dumps(
+    files.write_text(os.path.join(out, 'results.json'), json.dumps(
         dict(meta=meta, summary=summary), indent=2) + '\n')
-    model_io.write_text(os.path.join(out, 'table.md'), '\n'.join(lines)
+    files.write_text(os.path.join(out, 'table.md'), '\n'.join(lines)
                         + '\n')
 
 

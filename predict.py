@@ -32,17 +32,19 @@ import os
 import sys
 import warnings
 
-import cli
+from capsnet import cli
+from capsnet.errors import CapsNetError
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
 import numpy
 from PIL import Image, UnidentifiedImageError
 
-import devices
-import figures
-import model_io
-from cli import fail
+from capsnet import devices
+from capsnet import figures
+from capsnet import files
+import nets
+from capsnet.cli import fail
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp', '.pgm', '.ppm', '.pbm', '.pnm')
@@ -52,7 +54,7 @@ NOISE_SPREADS = 8  # background noise floor, see preprocess
 USAGE = 2  # exit status for usage errors and unusable models
 
 
-class ImageError(Exception):
+class ImageError(CapsNetError):
     """An input that cannot be classified; str() is the one-line reason."""
 
 
@@ -181,7 +183,7 @@ def preprocess(gray, invert='auto', threshold=0.0, input_size=MNIST_SIDE):
        keeping the aspect ratio;
     5. paste into 28 x 28 so that the centre of mass lies at (14, 14)
        (shifted by whole pixels, rounded; kept inside the frame);
-    6. zero-pad, centred, to input_size x input_size (as datasets.py pads).
+    6. zero-pad, centred, to input_size x input_size (as capsnet.data.mnist pads).
 
     Returns:
         float32 (input_size, input_size) in [0, 1].
@@ -299,8 +301,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model = model_io.load_model_or_fail(
-        args.load, need_capsnet=False, need_decoder=bool(args.reconstruct),
+    model = files.load_model_or_fail(
+        args.load, nets.ARCHITECTURES, need_capsnet=False,
+        need_decoder=bool(args.reconstruct),
         status=USAGE,
         purpose='predict.py --reconstruct' if args.reconstruct else
         'predict.py')

@@ -7,7 +7,7 @@
 Read top to bottom like Chainer's examples/mnist/train_mnist.py: flags,
 device, data, model, optimizer, iterators, updater, trainer, extensions,
 resume, run. The updater and the project's own extensions are in
-training_extensions.py; a snapshot is written every epoch and --resume /
+capsnet/training/extensions.py; a snapshot is written every epoch and --resume /
 --autoload continue from one.
 """
 import errno
@@ -17,24 +17,24 @@ import sys
 import zipfile
 import zlib
 
-import cli
+from capsnet import cli
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import training
 from chainer.training import extensions
 
-import datasets
-import devices
-import distributed
-import fast_ops
-import model_io
+from capsnet.data import mnist
+from capsnet import devices
+from capsnet.training import distributed
+from capsnet.kernels import convolution, routing
+from capsnet import files
 import nets
-import training_extensions as ext
+from capsnet.training import extensions as ext
 from chainer.training.extensions import snapshot_writers
 
 INTERRUPTED = 'interrupted; resume with --autoload'
@@ -94,7 +94,7 @@ def build_parser():
     add('--alpha-floor', type=cli.non_negative_float, default=None,
         help='alpha never decays below this (paper recipe: 1e-5, '
              'official: 0)')
-    add('--dataset', default='mnist', choices=datasets.dataset_names(),
+    add('--dataset', default='mnist', choices=mnist.dataset_names(),
         help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
@@ -119,8 +119,8 @@ def build_parser():
         help='slope of leaky_relu below 0')
     add('--share-weights', action='store_true',
         help='share W_ij over the 6x6 grid (the older implementation)')
-    add('--input-size', type=cli.int_at_least(datasets.IMAGE_SIZE),
-        default=datasets.IMAGE_SIZE,
+    add('--input-size', type=cli.int_at_least(mnist.IMAGE_SIZE),
+        default=mnist.IMAGE_SIZE,
         help='side of the (zero-padded) input images')
     add('--impl', default='auto', choices=['auto', 'fast', 'plain'],
         help='fast kernels (fast_ops: every layer on the CPU, all but the '
@@ -204,7 +204,7 @@ def snapshot_bytes(model):
 
 
 class AtomicSnapshotWriter(snapshot_writers.Writer):
-    """Snapshots through model_io.atomic_write: a full disk is one line
+    """Snapshots through files.atomic_write: a full disk is one line
     naming the file and the space it needs, an interrupt leaves no
     temporary folder, and the previous snapshot stays intact."""
 
@@ -212,7 +212,7 @@ class AtomicSnapshotWriter(snapshot_writers.Writer):
         # uncompressed: zlib took 2.85 s per snapshot of the paper's model
         # on this project's CPU for a file 11% smaller (84 against 94 MB),
         # most of an epoch's overhead on a GPU (docs/gpu.md)
-        model_io.atomic_write(
+        files.atomic_write(
             os.path.join(outdir, filename),
             lambda f: chainer.serializers.save_npz(f, target,
                                                    compression=False))
@@ -237,7 +237,7 @@ def readable_snapshot(path):
     """None if every array of the snapshot at ``path`` reads (CRCs and
     all), else why not."""
     try:
-        with model_io.open_npz(path) as npz:
+        with files.open_npz(path) as npz:
             for name in npz.files:
                 npz[name]
     except DAMAGED as e:
@@ -267,7 +267,7 @@ def check_recorded(trainer, path):
     before loading it, so a conflict is named (and not found later as a
     shape error of some array)."""
     try:
-        with model_io.open_npz(path) as npz:
+        with files.open_npz(path) as npz:
             for name in ('options', 'settings'):
                 trainer.get_extension(name).serialize(
                     chainer.serializers.NpzDeserializer(
@@ -379,7 +379,7 @@ def write_summary(args, model, n_params, sizes, validation, final,
         print('lowest test error over epochs: {:.2f}% ({} errors, epoch {}; '
               'chosen on the test set, so optimistic)'.format(
                   100 * best_error, best_errors, best_epoch))
-    model_io.write_text(os.path.join(args.out, 'final.json'),
+    files.write_text(os.path.join(args.out, 'final.json'),
                         json.dumps(summary, indent=2) + '\n')
 
 
@@ -397,8 +397,8 @@ def main(argv=None):
                      'out with --impl plain or a CNN --arch'.format(
                          ' and '.join(gpu_pieces),
                          'them' if len(gpu_pieces) > 1 else 'it'))
-    fast_ops.GPU_KERNELS = args.gpu_kernels
-    fast_ops.GPU_CONVOLUTIONS = args.gpu_convolutions
+    routing.GPU_KERNELS = args.gpu_kernels
+    convolution.GPU_CONVOLUTIONS = args.gpu_convolutions
     comm = None
     if args.communicator:   # MPI: this process is one rank of several
         args.device = cli.device_spec(args.device)
@@ -430,17 +430,17 @@ def main(argv=None):
     if args.save:
         cli.check_writable(os.path.dirname(os.path.abspath(args.save)),
                            '--save')
-    lock = model_io.lock_folder(out, 'train.py')
-    for path in model_io.remove_leftovers(out):
+    lock = files.lock_folder(out, 'train.py')
+    for path in files.remove_leftovers(out):
         print('removed {}, left by an interrupted write'.format(path))
 
     # Data: (train, validation or None, test) TupleDatasets
     try:
-        train, validation, test = datasets.get_mnist_like(
+        train, validation, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir, train_size=args.train_size,
             test_size=args.test_size, validation=args.validation,
             input_size=args.input_size)
-    except datasets.DatasetError as e:
+    except mnist.DatasetError as e:
         cli.fail(str(e))
     full_sizes = len(train), len(test)
     if comm is not None:   # each rank trains and tests on its own shard
@@ -577,11 +577,11 @@ def main(argv=None):
     # Save the model and the summary (rank 0 under MPI)
     if root:
         if args.save:
-            model_io.save_model(args.save, model)
+            files.save_model(args.save, model)
             print('model saved to {}'.format(args.save))
         write_summary(args, model, n_params, full_sizes, validation, final,
                       resumed_from, comm)
-    model_io.unlock(lock)
+    files.unlock(lock)
 
 
 def add_reports(trainer, args, model, validation):

@@ -29,18 +29,18 @@ devices.py.
 import os
 import sys
 
-import cli
+from capsnet import cli
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
 import numpy
 
-import datasets
-import devices
-import model_io
+from capsnet.data import mnist
+from capsnet import devices
+from capsnet import files
 import nets
-from devices import inference_mode, to_cpu
-from figures import BLUE, GREEN, save_image, tile, tint
+from capsnet.devices import inference_mode, to_cpu
+from capsnet.figures import BLUE, GREEN, save_image, tile, tint
 
 MAX_STEPS = 50  # at most 2 * 50 + 1 columns in a tweak figure
 
@@ -173,7 +173,7 @@ def build_parser():
     add('--load', required=True,
         help='model file written by train.py --save (with --reconstruct)')
     add('--out', '-o', default='vis', help='folder for the PNG files')
-    add('--dataset', default='mnist', choices=datasets.dataset_names(),
+    add('--dataset', default='mnist', choices=mnist.dataset_names(),
         help='which dataset (its test set for the evaluation)')
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
@@ -194,17 +194,17 @@ def main(argv=None):
                      'columns), got {:g}'.format(
                          MAX_STEPS, 2 * MAX_STEPS + 1, ratio))
 
-    model = model_io.load_model_or_fail(args.load, need_decoder=True,
+    model = files.load_model_or_fail(args.load, nets.ARCHITECTURES, need_decoder=True,
                                        purpose='visualize.py')
     device = devices.select_device(args)
     cli.check_writable(args.out)
     try:
-        _, _, test = datasets.get_mnist_like(
+        _, _, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir,
             input_size=model.input_size)
-    except datasets.DatasetError as e:
+    except mnist.DatasetError as e:
         cli.fail(e)
-    x_all, t_all = datasets.to_arrays(test)
+    x_all, t_all = mnist.to_arrays(test)
     try:
         picked = pick_examples(t_all, per_class=2, n_classes=model.n_classes)
     except ValueError as e:

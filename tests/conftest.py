@@ -5,7 +5,7 @@
   when it is absent, and the ``mnist_dir`` fixture returns it (or skips).
 - ``fresh_model_path`` / ``no_decoder_model_path``: a freshly initialised
   ``nets.CapsNet()`` (seed 0), with / without the decoder, saved once per
-  session with ``model_io.save_model``; ``small_baseline_path``: likewise a
+  session with ``files.save_model``; ``small_baseline_path``: likewise a
   ``nets.BaselineCNN(input_size=1)``.
 - ``one_error_line(err)``: the one ``error: ...`` line of a tool's stderr;
   ``assert_one_error(result, *fragments, status=None)`` checks a finished
@@ -29,12 +29,18 @@
 """
 import os
 import signal
+import sys
 
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-import model_io
+# the developer harnesses (gpu_check, benchmark, kernel_profile) import as
+# modules too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'dev'))
+
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import cli, files
 import nets
 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
@@ -110,7 +116,7 @@ def _save_fresh(path, network=nets.CapsNet, **options):
     state = numpy.random.get_state()
     numpy.random.seed(0)
     try:
-        model_io.save_model(str(path), network(**options))
+        files.save_model(str(path), network(**options))
     finally:
         numpy.random.set_state(state)
     return str(path)
@@ -133,7 +139,7 @@ def no_decoder_model_path(tmp_path_factory):
 def small_baseline_path(tmp_path_factory):
     """A baseline CNN model file. input_size=1 keeps it small (9.5 MB
     instead of 140 MB for 28 x 28); what is checked is its architecture."""
-    return _save_fresh(tmp_path_factory.mktemp('models') / 'baseline.npz',
+    return _save_fresh(tmp_path_factory.mktemp('models') / 'nets.npz',
                        nets.BaselineCNN, input_size=1)
 
 
@@ -164,8 +170,8 @@ def run_tool(capsys):
     def run(main, argv):
         capsys.readouterr()
         try:
-            status = main([str(a) for a in argv])
-        except SystemExit as e:
+            status = cli.run_main(main, [str(a) for a in argv])
+        except SystemExit as e:   # --help, or a tool's own sys.exit
             status = e.code
         out, err = capsys.readouterr()
         if status is None:

@@ -64,7 +64,7 @@ def main():
         trap_call(os, 'fsync', signum)
     elif point.startswith('call:'):
         module, name = point[len('call:'):].split(':')
-        import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+        from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
         owner = importlib.import_module(module)
         *path, name = name.split('.')
         for part in path:

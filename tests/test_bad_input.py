@@ -24,7 +24,7 @@ import sys
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from chainer.backends import cuda
 
 from conftest import MNIST_FILES, assert_one_error
@@ -37,10 +37,13 @@ needs_no_cupy = pytest.mark.skipif(
 
 
 def run(script, *args, env=None):
-    """Run ``python REPO/script args`` -> CompletedProcess (text)."""
+    """Run ``python REPO/script args`` (or ``python -m module args`` for a
+    script '-m module') -> CompletedProcess (text)."""
     environment = dict(os.environ, **(env or {}))
+    program = script.split() if script.startswith('-m ') else [
+        os.path.join(REPO, script)]
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, script)] + [str(a) for a in args],
+        [sys.executable] + program + [str(a) for a in args],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         stdin=subprocess.DEVNULL, env=environment)
 
@@ -135,7 +138,7 @@ def data_command(program, data_dir, out, model):
 
 
 PROGRAMS_READING_MNIST = ['train.py', 'visualize.py', 'evaluate.py',
-                          'datasets.py']
+                          '-m capsnet.data.mnist']
 
 
 @pytest.mark.parametrize('program', PROGRAMS_READING_MNIST)
@@ -155,7 +158,7 @@ def test_bad_dataset_file(program, bad_data, fragments, tmp_path, request,
     kept.check()
 
 
-@pytest.mark.parametrize('program', ['datasets.py', 'train.py'])
+@pytest.mark.parametrize('program', ['-m capsnet.data.mnist', 'train.py'])
 def test_unusable_dataset_cache_folder(program, tmp_path, blocker):
     """No --data-dir: the download cache under CHAINER_DATASET_ROOT cannot
     be created (reported before any download is tried)."""
@@ -170,7 +173,7 @@ def test_unusable_dataset_cache_folder(program, tmp_path, blocker):
 
 
 def test_datasets_cli_unknown_dataset():
-    assert_one_error(run('datasets.py', '--dataset', 'cifar'),
+    assert_one_error(run('-m capsnet.data.mnist', '--dataset', 'cifar'),
                      "unknown dataset 'cifar'", 'mnist, fashion-mnist',
                      status=1)
 
@@ -353,7 +356,7 @@ def test_experiments_bad_flags(tmp_path, flags, fragments):
 
 
 def test_benchmark_batchsize_zero():
-    assert_one_error(run('benchmark.py', '-b', '0'), '--batchsize',
+    assert_one_error(run('dev/benchmark.py', '-b', '0'), '--batchsize',
                      'must be an integer > 0', status=2)
 
 
@@ -368,7 +371,7 @@ def test_benchmark_batchsize_zero():
     ids=['routing-0', 'eval-batchsize-negative', 'threads-0',
          'warmup-negative', 'repeats-not-a-number'])
 def test_benchmark_other_bad_numbers(flags, fragments):
-    assert_one_error(run('benchmark.py', '-b', '1', '--repeats', '1',
+    assert_one_error(run('dev/benchmark.py', '-b', '1', '--repeats', '1',
                          '--no-plain', *flags), *fragments, status=2)
 
 
@@ -404,7 +407,7 @@ def test_experiments_gpu_without_cupy(tmp_path):
 def test_benchmark_gpu_without_cupy():
     """benchmark.py had a device message of its own ('(...); check
     --device'); it now takes the other tools' line."""
-    assert_one_error(run('benchmark.py', '-d', '@cupy:0', '--repeats', '1'),
+    assert_one_error(run('dev/benchmark.py', '-d', '@cupy:0', '--repeats', '1'),
                      '@cupy:0', 'CuPy cannot be used here', status=1)
 
 
@@ -421,7 +424,7 @@ def cupy_without_a_gpu():
 @pytest.mark.skipif(not cupy_without_a_gpu(), reason=(
     'needs CuPy installed on a machine without a usable GPU (CI installs '
     'CuPy in its current stack for these after the suite)'))
-@pytest.mark.parametrize('tool', ['train.py', 'benchmark.py'])
+@pytest.mark.parametrize('tool', ['train.py', 'dev/benchmark.py'])
 def test_cupy_without_a_usable_gpu_names_the_driver(tool, tmp_path):
     """Chainer sees CuPy but CUDA cannot start: the line names the driver
     and the CPU, not --device."""
@@ -448,7 +451,7 @@ class CUDARuntimeError(RuntimeError):
     ('cudaErrorInvalidDevice: invalid device ordinal', 'check --device/-d'),
 ])
 def test_a_device_that_fails_names_the_fix_for_its_cause(text, fix):
-    import devices
+    from capsnet import devices
     line = devices.device_failure('@cupy:1', CUDARuntimeError(text))
     problem, _, remedy = line.rpartition('; ')
     assert problem == 'cannot use device @cupy:1: ' + text
@@ -521,7 +524,7 @@ def test_load_of_a_folder_names_the_model_inside(tmp_path, fresh_model_path,
     ['train.py', '--no-progress'], ['evaluate.py', '--load', 'M'],
     ['visualize.py', '--load', 'M'],
     ['experiments.py', 'table1', '--epoch', '1', '--rows', 'r1'],
-    ['gpu_check.py', '--dry-run', '--data-dir', '.']],
+    ['dev/gpu_check.py', '--dry-run', '--data-dir', '.']],
     ids=['train', 'evaluate', 'visualize', 'experiments', 'gpu_check'])
 def test_out_that_is_a_file(blocker, fresh_model_path, argv):
     """It said '(File exists)'; gpu_check.py printed a traceback."""
@@ -604,13 +607,11 @@ def test_affnist_file_that_is_a_folder(tmp_path):
 def test_running_out_of_memory_is_one_line(capsys):
     """benchmark.py -b 1000000000 printed NumPy's MemoryError traceback;
     any tool under cli.run_main now says it in one line."""
-    import cli
+    from capsnet import cli
 
     def main(argv):
         raise MemoryError('Unable to allocate 5.70 TiB for an array')
-    with pytest.raises(SystemExit) as info:
-        cli.run_main(main)
-    assert info.value.code == 1
+    assert cli.run_main(main) == 1
     err = capsys.readouterr().err
     assert err == ('error: out of memory (Unable to allocate 5.70 TiB for an '
                    'array); use smaller batches (--batchsize/-b, '
@@ -621,11 +622,11 @@ def test_an_unreadable_model_file(fresh_model_path, monkeypatch, run_tool):
     """Permission denied (simulated: the tests may run as root): not 'it may
     be truncated or corrupt, so train again'."""
     import evaluate
-    import model_io
+    from capsnet import files
 
     def denied(path, mode='r'):
         raise PermissionError(13, 'Permission denied', path)
-    monkeypatch.setattr(model_io, 'open', denied, raising=False)
+    monkeypatch.setattr(files, 'open', denied, raising=False)
     status, _, err = run_tool(evaluate.main, ['--load', fresh_model_path])
     assert status == 1
     assert err == 'error: cannot read model file {} (Permission denied); ' \

@@ -1,15 +1,13 @@
-"""The paper's baseline CNN (baseline.py), as registered in nets."""
+"""The paper's baseline CNN (nets.py), as registered in nets."""
 import json
 import os
 
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
-
-import baseline
-import model_io
+from capsnet import files
 import nets
 import train
 from conftest import both_paths
@@ -20,11 +18,11 @@ PAPER_COUNT = 35445522  # the docstring's sum, checked term by term below
 def parameter_count(input_size=28, n_classes=10):
     """Number of parameters of ``BaselineCNN(input_size, n_classes)``."""
     count, channels = 0, 1
-    for out in baseline.CONV_CHANNELS:
-        count += channels * out * baseline.KERNEL * baseline.KERNEL + out
+    for out in nets.CONV_CHANNELS:
+        count += channels * out * nets.KERNEL * nets.KERNEL + out
         channels = out
     features = channels * input_size * input_size
-    for out in baseline.FC_SIZES + (n_classes,):
+    for out in nets.FC_SIZES + (n_classes,):
         count += features * out + out
         features = out
     return count
@@ -33,7 +31,7 @@ def parameter_count(input_size=28, n_classes=10):
 @pytest.fixture(scope='module')
 def model():
     numpy.random.seed(0)
-    return baseline.BaselineCNN()
+    return nets.BaselineCNN()
 
 
 def images(n, side=28, seed=0):
@@ -50,7 +48,7 @@ def test_parameter_count_is_the_papers(model):
     assert nets.count_parameters(model) == expected == PAPER_COUNT
     assert parameter_count() == expected
     assert round(nets.count_parameters(model) / 1e6, 1) == 35.4  # "35.4M"
-    assert '35,445,522' in baseline.BaselineCNN.__doc__
+    assert '35,445,522' in nets.BaselineCNN.__doc__
     assert model.fc1.W.shape == (328, 28 * 28 * 128)
 
 
@@ -66,15 +64,15 @@ def test_layers(model):
 
 def test_parameter_count_other_sizes():
     for side in (8, 13):
-        m = baseline.BaselineCNN(input_size=side)
+        m = nets.BaselineCNN(input_size=side)
         assert nets.count_parameters(m) == parameter_count(side)
 
 
 def test_registered_in_nets():
-    assert nets.BaselineCNN is baseline.BaselineCNN
-    assert nets.ARCHITECTURES['baseline'] is baseline.BaselineCNN
-    assert baseline.BaselineCNN.arch == 'baseline'
-    assert json.loads(json.dumps(baseline.BaselineCNN(input_size=8).options)
+    assert nets.BaselineCNN is nets.BaselineCNN
+    assert nets.ARCHITECTURES['baseline'] is nets.BaselineCNN
+    assert nets.BaselineCNN.arch == 'baseline'
+    assert json.loads(json.dumps(nets.BaselineCNN(input_size=8).options)
                       ) == dict(input_size=8, n_classes=10, dropout=0.5)
 
 
@@ -112,7 +110,7 @@ def test_predict(model):
 
 def test_dropout_only_in_training():
     numpy.random.seed(1)
-    m = baseline.BaselineCNN(input_size=8, dropout=0.5)
+    m = nets.BaselineCNN(input_size=8, dropout=0.5)
     x, _ = images(5, side=8)
     with chainer.using_config('train', True):
         a, b = m.logits(x).array, m.logits(x).array
@@ -121,19 +119,19 @@ def test_dropout_only_in_training():
         a, b = m.logits(x).array, m.logits(x).array
     numpy.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
-        baseline.BaselineCNN(dropout=1.0)
+        nets.BaselineCNN(dropout=1.0)
 
 
 def test_save_load_round_trip(tmp_path):
     # a small input keeps the file small; the code path is the same
     numpy.random.seed(2)
     m = nets.BaselineCNN(input_size=12, dropout=0.25)
-    path = str(tmp_path / 'baseline.npz')
-    model_io.save_model(path, m)
-    assert model_io.read_model_meta(path) == (
+    path = str(tmp_path / 'nets.npz')
+    files.save_model(path, m)
+    assert files.read_model_meta(path, nets.ARCHITECTURES) == (
         'baseline', dict(input_size=12, n_classes=10, dropout=0.25))
-    loaded = model_io.load_model(path)
-    assert isinstance(loaded, baseline.BaselineCNN)
+    loaded = files.load_model(path, nets.ARCHITECTURES)
+    assert isinstance(loaded, nets.BaselineCNN)
     assert loaded.options == m.options
     x, _ = images(3, side=12, seed=3)
     for a, b in zip(m.predict(x), loaded.predict(x)):
@@ -146,7 +144,7 @@ def test_train_flags_build_the_baseline():
     assert train.model_options(args) == dict(input_size=28)
     args.input_size = 12  # small; the flag itself refuses sizes below 28
     m = train.build_model(args)
-    assert isinstance(m, baseline.BaselineCNN)
+    assert isinstance(m, nets.BaselineCNN)
     assert m.options['input_size'] == 12
 
 

@@ -47,7 +47,7 @@ def test_back_to_back_timing_synchronises_once_at_each_end(monkeypatch):
 
 def test_profile_is_in_the_json_line():
     result = subprocess.run(
-        [sys.executable, 'benchmark.py', '-b', '2', '--repeats', '1',
+        [sys.executable, 'dev/benchmark.py', '-b', '2', '--repeats', '1',
          '--warmup', '1', '--no-plain', '--profile', '--json'], cwd=REPO,
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -130,8 +130,9 @@ def test_busy_time_counts_overlapping_kernels_once():
 def test_kernel_profile_without_torch_is_one_clear_line(tmp_path):
     # as on a machine without PyTorch, whether or not this one has it
     code = ('import sys, runpy; sys.modules["torch"] = None; '
-            'sys.argv = ["benchmark.py"] + sys.argv[1:]; '
-            'runpy.run_path("benchmark.py", run_name="__main__")')
+            'sys.path.insert(0, "dev"); '
+            'sys.argv = ["dev/benchmark.py"] + sys.argv[1:]; '
+            'runpy.run_path("dev/benchmark.py", run_name="__main__")')
     result = subprocess.run(
         [sys.executable, '-c', code, '-b', '2', '--kernel-profile',
          str(tmp_path / 'trace.json')], cwd=REPO, capture_output=True,
@@ -147,7 +148,7 @@ def test_kernel_profile_runs_where_torch_is_installed(tmp_path):
                         '(benchmark.py --kernel-profile needs it)')
     trace = tmp_path / 'trace.json.gz'
     result = subprocess.run(
-        [sys.executable, 'benchmark.py', '-b', '2', '--repeats', '2',
+        [sys.executable, 'dev/benchmark.py', '-b', '2', '--repeats', '2',
          '--warmup', '1', '--no-plain', '--kernel-profile', str(trace),
          '--json'], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-import cli
+from capsnet import cli
 import evaluate
 import experiments
 import predict

@@ -11,13 +11,13 @@ import warnings
 import numpy
 import pytest
 
-import compat
+from capsnet import compat
 from chainer import reporter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMPY_2 = numpy.lib.NumpyVersion(numpy.__version__) >= '2.0.0'
 TOOLS = ('train.py', 'visualize.py', 'evaluate.py', 'predict.py',
-         'experiments.py', 'benchmark.py', 'gpu_check.py')
+         'experiments.py', 'dev/benchmark.py', 'dev/gpu_check.py')
 
 
 def run_python(code, env=None):
@@ -74,7 +74,8 @@ def test_chainer_imports_without_pkg_resources():
     no setuptools at all. Blocked here, the stand-in takes its place."""
     result = run_python(
         'import sys; sys.modules["pkg_resources"] = None\n'
-        'import compat, chainer, chainer.functions as F, numpy\n'
+        'from capsnet import compat\n'
+        'import chainer, chainer.functions as F, numpy\n'
         'assert "pkg_resources" in compat.APPLIED, compat.APPLIED\n'
         'assert sys.modules["pkg_resources"].__doc__.startswith("Stand-in")\n'
         'print(F.sum(numpy.ones(3, "f")).array)\n')
@@ -95,9 +96,13 @@ def test_report_sums_are_float64_on_every_stack():
 
 
 def chainer_importers():
-    """(module, line of its first chainer import, of its compat import)."""
-    paths = glob.glob(os.path.join(REPO, '*.py')) + \
-        glob.glob(os.path.join(REPO, 'tests', '*.py'))
+    """(module, line of its first chainer import, of its compat import:
+    ``from capsnet import compat``, or ``import nets``, which imports it
+    first)."""
+    paths = [path for pattern in ('*.py', 'tests/*.py', 'dev/*.py',
+                                  'capsnet/**/*.py')
+             for path in glob.glob(os.path.join(REPO, pattern),
+                                   recursive=True)]
     for path in sorted(paths):
         with open(path) as f:
             tree = ast.parse(f.read())
@@ -107,14 +112,14 @@ def chainer_importers():
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
+                names = [node.module] + ['{}.{}'.format(node.module, a.name)
+                                         for a in node.names]
             for name in names:
-                top = name.split('.')[0]
-                if top == 'chainer' and (chainer_line is None
-                                         or node.lineno < chainer_line):
+                if name.split('.')[0] == 'chainer' and (
+                        chainer_line is None or node.lineno < chainer_line):
                     chainer_line = node.lineno
-                if top == 'compat' and (compat_line is None
-                                        or node.lineno < compat_line):
+                if name in ('capsnet.compat', 'nets') and (
+                        compat_line is None or node.lineno < compat_line):
                     compat_line = node.lineno
         if chainer_line is not None and path != compat.__file__:
             yield os.path.relpath(path, REPO), chainer_line, compat_line
@@ -169,6 +174,6 @@ def test_no_project_code_changes_dtype_under_nep50(mnist_dir, tmp_path):
              if line.startswith('/')]
     assert sites, 'the sentinel saw nothing: is weak_and_warn active?'
     # the project's files, not a venv's site-packages inside the checkout
-    ours = [site for site in sites if os.path.dirname(site) in
-            (REPO, os.path.join(REPO, 'tests'))]
+    ours = [site for site in sites if site.startswith(REPO + os.sep)
+            and '-packages' not in site]
     assert ours == [], ours

@@ -20,8 +20,8 @@ import itertools
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-import fast_ops
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet.kernels import routing
 
 cupy = pytest.importorskip('cupy', reason='CuPy is not installed')
 
@@ -90,14 +90,14 @@ def elementwise_source(definition, name, dtype, ndims):
 
 
 ELEMENTWISE = [
-    ('capsnet_squash', fast_ops.SQUASH_KERNEL, (3, 3, 0, 3)),
-    ('capsnet_squash_grad', fast_ops.SQUASH_GRAD_KERNEL, (3, 3, 3, 3, 0, 3)),
-    ('capsnet_softmax', fast_ops.SOFTMAX_KERNEL, (3, 3, 3, 3)),
+    ('capsnet_squash', routing.SQUASH_KERNEL, (3, 3, 0, 3)),
+    ('capsnet_squash_grad', routing.SQUASH_GRAD_KERNEL, (3, 3, 3, 3, 0, 3)),
+    ('capsnet_softmax', routing.SOFTMAX_KERNEL, (3, 3, 3, 3)),
     # the gradient that reaches the logits another way: none (a scalar 0)
     # or an array
-    ('capsnet_softmax_grad', fast_ops.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 0, 3)),
-    ('capsnet_softmax_grad', fast_ops.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 3, 3)),
-] + [('capsnet_outer_sum_{}'.format(terms), fast_ops.outer_sum_kernel(terms),
+    ('capsnet_softmax_grad', routing.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 0, 3)),
+    ('capsnet_softmax_grad', routing.SOFTMAX_GRAD_KERNEL, (3, 3, 3, 3, 3)),
+] + [('capsnet_outer_sum_{}'.format(terms), routing.outer_sum_kernel(terms),
       (4,) * (2 * terms + 1)) for terms in (1, 3, 5)]
 
 
@@ -110,8 +110,8 @@ def test_elementwise_kernels_compile(compile_source, name, definition,
     compile_source(source)
 
 
-REDUCTIONS = [('capsnet_dot', fast_ops.DOT_KERNEL),
-              ('capsnet_exp_sum', fast_ops.EXP_SUM_KERNEL)]
+REDUCTIONS = [('capsnet_dot', routing.DOT_KERNEL),
+              ('capsnet_exp_sum', routing.EXP_SUM_KERNEL)]
 
 
 @pytest.mark.parametrize('dtype, index', itertools.product(
@@ -143,7 +143,7 @@ def test_reduction_kernels_compile(compile_source, name, definition,
 
 def test_a_broken_body_fails_to_compile(compile_source):
     """The check can fail: a body naming an undefined variable."""
-    inputs, output, body = fast_ops.SQUASH_GRAD_KERNEL
+    inputs, output, body = routing.SQUASH_GRAD_KERNEL
     broken = (inputs, output, body.replace('den * den', 'den * dn'))
     source = elementwise_source(broken, 'broken', numpy.float32,
                                 (3, 3, 3, 3, 0, 3))

@@ -1,4 +1,4 @@
-"""datasets.py: verified download, IDX parsing, splits, padding and shifts.
+"""capsnet.data.mnist: verified download, IDX parsing, splits, padding and shifts.
 
 The downloader is exercised against a real HTTP server on 127.0.0.1 serving
 small synthetic IDX files; nothing here reaches the internet (see the
@@ -24,14 +24,14 @@ import urllib.request
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import datasets
+from capsnet.data import mnist
 
 from conftest import MNIST_DIR, needs_mnist
 
-MNIST_MD5 = datasets.DATASETS['mnist']['files']
+MNIST_MD5 = mnist.DATASETS['mnist']['files']
 
 
 @pytest.fixture(autouse=True)
@@ -76,10 +76,10 @@ def synthetic():
     """The four MNIST file names with tiny synthetic contents."""
     rng = numpy.random.RandomState(0)
     contents = {
-        datasets.TRAIN_IMAGES: idx_bytes(rng.randint(0, 256, (5, 28, 28))),
-        datasets.TRAIN_LABELS: idx_bytes(rng.randint(0, 10, 5)),
-        datasets.TEST_IMAGES: idx_bytes(rng.randint(0, 256, (3, 28, 28))),
-        datasets.TEST_LABELS: idx_bytes(rng.randint(0, 10, 3)),
+        mnist.TRAIN_IMAGES: idx_bytes(rng.randint(0, 256, (5, 28, 28))),
+        mnist.TRAIN_LABELS: idx_bytes(rng.randint(0, 10, 5)),
+        mnist.TEST_IMAGES: idx_bytes(rng.randint(0, 256, (3, 28, 28))),
+        mnist.TEST_LABELS: idx_bytes(rng.randint(0, 10, 3)),
     }
     return types.SimpleNamespace(
         contents=contents,
@@ -129,7 +129,7 @@ def test_fetch_downloads_verified_files_then_uses_the_cache(
         tmp_path, server, synthetic):
     serve(server, 'm1', synthetic.contents)
     logs = []
-    paths = datasets.fetch('mnist', root=str(tmp_path),
+    paths = mnist.fetch('mnist', root=str(tmp_path),
                            mirrors=[server.mirror('m1')],
                            files=synthetic.files, log=logs.append)
     assert sorted(paths) == sorted(synthetic.files)
@@ -140,7 +140,7 @@ def test_fetch_downloads_verified_files_then_uses_the_cache(
     assert sorted(os.listdir(tmp_path)) == sorted(synthetic.files)
     assert len(server.requests) == 4
 
-    assert datasets.fetch('mnist', root=str(tmp_path),
+    assert mnist.fetch('mnist', root=str(tmp_path),
                           mirrors=[server.mirror('m1')],
                           files=synthetic.files, log=logs.append) == paths
     assert len(server.requests) == 4  # second call: all from the cache
@@ -151,7 +151,7 @@ def test_fetch_falls_back_to_the_next_mirror_on_403(
     serve(server, 'm1', synthetic.contents, status=403)
     serve(server, 'm2', synthetic.contents)
     logs = []
-    paths = datasets.fetch('mnist', root=str(tmp_path),
+    paths = mnist.fetch('mnist', root=str(tmp_path),
                            mirrors=[server.mirror('m1'), server.mirror('m2')],
                            files=synthetic.files, log=logs.append)
     for name, path in paths.items():
@@ -170,7 +170,7 @@ def test_fetch_rejects_a_mirror_serving_the_wrong_bytes(
     serve(server, 'bad', wrong)
     serve(server, 'good', synthetic.contents)
     logs = []
-    paths = datasets.fetch(
+    paths = mnist.fetch(
         'mnist', root=str(tmp_path),
         mirrors=[server.mirror('bad'), server.mirror('good')],
         files=synthetic.files, log=logs.append)
@@ -182,10 +182,10 @@ def test_fetch_rejects_a_mirror_serving_the_wrong_bytes(
 
 def test_fetch_with_no_good_mirror_names_file_and_expected_md5(
         tmp_path, server, synthetic):
-    name = datasets.TEST_IMAGES
+    name = mnist.TEST_IMAGES
     server.routes['/bad/' + name] = (200, b'not the file')
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.fetch('mnist', root=str(tmp_path),
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.fetch('mnist', root=str(tmp_path),
                        mirrors=[server.mirror('bad'), server.mirror('gone')],
                        files={name: synthetic.files[name]}, log=lambda m: 0)
     message = one_line(info.value)
@@ -197,21 +197,21 @@ def test_fetch_with_no_good_mirror_names_file_and_expected_md5(
 
 
 def test_fetch_redownloads_a_corrupt_cached_file(tmp_path, server, synthetic):
-    name = datasets.TRAIN_IMAGES
+    name = mnist.TRAIN_IMAGES
     good = synthetic.contents[name]
     (tmp_path / name).write_bytes(good[:len(good) // 2])
     files = {name: synthetic.files[name]}
 
     # With no mirror able to replace it, the corrupt copy is not used.
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.fetch('mnist', root=str(tmp_path),
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.fetch('mnist', root=str(tmp_path),
                        mirrors=[server.mirror('m1')], files=files,
                        log=lambda m: 0)
     assert name in one_line(info.value)
 
     serve(server, 'm1', synthetic.contents)
     logs = []
-    paths = datasets.fetch('mnist', root=str(tmp_path),
+    paths = mnist.fetch('mnist', root=str(tmp_path),
                            mirrors=[server.mirror('m1')], files=files,
                            log=logs.append)
     assert (tmp_path / name).read_bytes() == good
@@ -222,12 +222,12 @@ def test_fetch_redownloads_a_corrupt_cached_file(tmp_path, server, synthetic):
 
 def test_a_truncated_download_leaves_no_file_behind(
         tmp_path, server, synthetic):
-    name = datasets.TRAIN_IMAGES
+    name = mnist.TRAIN_IMAGES
     data = synthetic.contents[name]
     # Advertises the full length but the connection closes half-way.
     server.routes['/m1/' + name] = (200, data[:len(data) // 2], len(data))
-    with pytest.raises(datasets.DatasetError):
-        datasets.fetch('mnist', root=str(tmp_path),
+    with pytest.raises(mnist.DatasetError):
+        mnist.fetch('mnist', root=str(tmp_path),
                        mirrors=[server.mirror('m1')],
                        files={name: synthetic.files[name]}, log=lambda m: 0)
     assert os.listdir(tmp_path) == []
@@ -235,7 +235,7 @@ def test_a_truncated_download_leaves_no_file_behind(
 
 def test_the_final_name_appears_only_once_the_file_is_verified(
         tmp_path, synthetic):
-    name = datasets.TRAIN_IMAGES
+    name = mnist.TRAIN_IMAGES
     final = tmp_path / name
     seen_final_while_streaming = []
 
@@ -250,8 +250,8 @@ def test_the_final_name_appears_only_once_the_file_is_verified(
         assert timeout > 0
         return Response(synthetic.contents[name])
 
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.fetch('mnist', root=str(tmp_path), mirrors=['http://m/'],
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.fetch('mnist', root=str(tmp_path), mirrors=['http://m/'],
                        files={name: synthetic.files[name]}, opener=opener,
                        log=lambda m: 0)
     assert 'connection reset' in one_line(info.value)
@@ -274,7 +274,7 @@ def test_fetch_falls_back_when_the_opener_fails(tmp_path, synthetic, error):
         return io.BytesIO(synthetic.contents[url.rsplit('/', 1)[1]])
 
     logs = []
-    paths = datasets.fetch('mnist', root=str(tmp_path),
+    paths = mnist.fetch('mnist', root=str(tmp_path),
                            mirrors=['http://m1/', 'http://m2'],
                            files=synthetic.files, opener=opener,
                            log=logs.append)
@@ -289,9 +289,9 @@ def test_fetch_raises_when_every_mirror_has_a_url_error(tmp_path, synthetic):
     def opener(url, timeout):
         raise urllib.error.URLError('no route to host')
 
-    name = datasets.TEST_LABELS
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.fetch('mnist', root=str(tmp_path),
+    name = mnist.TEST_LABELS
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.fetch('mnist', root=str(tmp_path),
                        mirrors=['http://m1/', 'http://m2/'],
                        files={name: synthetic.files[name]}, opener=opener,
                        log=lambda m: 0)
@@ -306,7 +306,7 @@ def test_fetch_default_cache_is_under_the_chainer_dataset_root(
     old_root = chainer.dataset.get_dataset_root()
     chainer.dataset.set_dataset_root(str(tmp_path))
     try:
-        paths = datasets.fetch('fashion-mnist', mirrors=[server.mirror('m1')],
+        paths = mnist.fetch('fashion-mnist', mirrors=[server.mirror('m1')],
                                files=synthetic.files, log=lambda m: 0)
     finally:
         chainer.dataset.set_dataset_root(old_root)
@@ -315,29 +315,29 @@ def test_fetch_default_cache_is_under_the_chainer_dataset_root(
 
 
 def test_registry_names_mirrors_and_published_md5s():
-    assert datasets.dataset_names() == ['mnist', 'fashion-mnist']
-    mnist = datasets.DATASETS['mnist']
-    assert mnist['mirrors'] == [
+    assert mnist.dataset_names() == ['mnist', 'fashion-mnist']
+    spec = mnist.DATASETS['mnist']
+    assert spec['mirrors'] == [
         'https://storage.googleapis.com/cvdf-datasets/mnist/',
-        'https://ossci-datasets.s3.amazonaws.com/mnist/',
+        'https://ossci-mnist.s3.amazonaws.com/mnist/',
         'http://yann.lecun.com/exdb/mnist/']
-    assert mnist['files'][datasets.TEST_IMAGES] == \
+    assert spec['files'][mnist.TEST_IMAGES] == \
         '9fb629c4189551a2d022fa330f9573f3'
-    fashion = datasets.DATASETS['fashion-mnist']
+    fashion = mnist.DATASETS['fashion-mnist']
     assert fashion['mirrors'][0] == \
         'http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/'
-    assert fashion['files'][datasets.TRAIN_IMAGES] == \
+    assert fashion['files'][mnist.TRAIN_IMAGES] == \
         '8d4fb7e6c68d591d4c3dfef9ec88bf0d'
-    for spec in datasets.DATASETS.values():
+    for spec in mnist.DATASETS.values():
         assert len(spec['files']) == 4
 
 
 @pytest.mark.parametrize('call', [
-    lambda: datasets.fetch('emnist', log=lambda m: 0),
-    lambda: datasets.get_mnist_like('emnist'),
+    lambda: mnist.fetch('emnist', log=lambda m: 0),
+    lambda: mnist.get_mnist_like('emnist'),
 ], ids=['fetch', 'get_mnist_like'])
 def test_an_unknown_name_lists_the_valid_ones(call):
-    with pytest.raises(datasets.DatasetError) as info:
+    with pytest.raises(mnist.DatasetError) as info:
         call()
     message = one_line(info.value)
     assert 'emnist' in message
@@ -350,8 +350,8 @@ def test_load_idx_reads_images_and_labels(tmp_path):
     images = numpy.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
     (tmp_path / 'i.gz').write_bytes(idx_bytes(images))
     (tmp_path / 'l.gz').write_bytes(idx_bytes([7, 3]))
-    x = datasets.load_idx(str(tmp_path / 'i.gz'))
-    t = datasets.load_idx(str(tmp_path / 'l.gz'),
+    x = mnist.load_idx(str(tmp_path / 'i.gz'))
+    t = mnist.load_idx(str(tmp_path / 'l.gz'),
                           expected_md5=md5(idx_bytes([7, 3])))
     assert x.dtype == numpy.uint8 and x.shape == (2, 28, 28)
     numpy.testing.assert_array_equal(x, images)
@@ -376,8 +376,8 @@ def test_load_idx_reports_a_bad_file_in_one_line(tmp_path, kind):
     data, problem = bad_idx_files()[kind]
     path = tmp_path / 'train-images-idx3-ubyte.gz'
     path.write_bytes(data)
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.load_idx(str(path))
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.load_idx(str(path))
     message = one_line(info.value)
     assert 'train-images-idx3-ubyte.gz' in message and str(tmp_path) in message
     assert problem in message
@@ -386,13 +386,13 @@ def test_load_idx_reports_a_bad_file_in_one_line(tmp_path, kind):
 def test_load_idx_checks_the_md5_and_reports_missing_files(tmp_path):
     path = tmp_path / 'labels.gz'
     path.write_bytes(idx_bytes([1, 2, 3]))
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.load_idx(str(path), expected_md5='0' * 32)
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.load_idx(str(path), expected_md5='0' * 32)
     message = one_line(info.value)
     assert 'labels.gz' in message and '0' * 32 in message
     assert md5(path.read_bytes()) in message
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.load_idx(str(tmp_path / 'absent.gz'))
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.load_idx(str(tmp_path / 'absent.gz'))
     assert 'absent.gz' in one_line(info.value)
 
 
@@ -400,19 +400,19 @@ def test_load_idx_checks_the_md5_and_reports_missing_files(tmp_path):
 
 @pytest.fixture(scope='module')
 def raw_mnist():
-    return {name: datasets.load_idx(os.path.join(MNIST_DIR, name), digest)
+    return {name: mnist.load_idx(os.path.join(MNIST_DIR, name), digest)
             for name, digest in MNIST_MD5.items()}
 
 
 @needs_mnist
 def test_full_mnist_shapes_dtypes_and_range(raw_mnist):
-    train, validation, test = datasets.get_mnist_like(data_dir=MNIST_DIR)
+    train, validation, test = mnist.get_mnist_like(data_dir=MNIST_DIR)
     assert validation is None
     for dataset, n, images, labels in (
-            (train, 60000, datasets.TRAIN_IMAGES, datasets.TRAIN_LABELS),
-            (test, 10000, datasets.TEST_IMAGES, datasets.TEST_LABELS)):
+            (train, 60000, mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS),
+            (test, 10000, mnist.TEST_IMAGES, mnist.TEST_LABELS)):
         assert isinstance(dataset, chainer.datasets.TupleDataset)
-        x, t = datasets.to_arrays(dataset)
+        x, t = mnist.to_arrays(dataset)
         assert x.shape == (n, 1, 28, 28) and x.dtype == numpy.float32
         assert t.shape == (n,) and t.dtype == numpy.int32
         assert x.min() == 0 and x.max() == 1
@@ -425,24 +425,24 @@ def test_full_mnist_shapes_dtypes_and_range(raw_mnist):
 @needs_mnist
 def test_validation_holds_out_the_last_examples_and_sizes_take_the_first(
         raw_mnist):
-    train, validation, test = datasets.get_mnist_like(
+    train, validation, test = mnist.get_mnist_like(
         data_dir=MNIST_DIR, validation=5000, train_size=100, test_size=30)
     assert (len(train), len(validation), len(test)) == (100, 5000, 30)
-    train_t = raw_mnist[datasets.TRAIN_LABELS]
-    numpy.testing.assert_array_equal(datasets.to_arrays(train)[1], train_t[:100])
-    numpy.testing.assert_array_equal(datasets.to_arrays(validation)[1], train_t[55000:])
+    train_t = raw_mnist[mnist.TRAIN_LABELS]
+    numpy.testing.assert_array_equal(mnist.to_arrays(train)[1], train_t[:100])
+    numpy.testing.assert_array_equal(mnist.to_arrays(validation)[1], train_t[55000:])
     numpy.testing.assert_array_equal(
-        datasets.to_arrays(validation)[0][:, 0] * 255,
-        raw_mnist[datasets.TRAIN_IMAGES][55000:])
+        mnist.to_arrays(validation)[0][:, 0] * 255,
+        raw_mnist[mnist.TRAIN_IMAGES][55000:])
     numpy.testing.assert_array_equal(
-        datasets.to_arrays(test)[1], raw_mnist[datasets.TEST_LABELS][:30])
+        mnist.to_arrays(test)[1], raw_mnist[mnist.TEST_LABELS][:30])
     # All that remains after the hold-out is still available...
-    train, _, _ = datasets.get_mnist_like(
+    train, _, _ = mnist.get_mnist_like(
         data_dir=MNIST_DIR, validation=5000, train_size=55000, test_size=1)
     assert len(train) == 55000
     # ...but not one more.
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.get_mnist_like(data_dir=MNIST_DIR, validation=5000,
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.get_mnist_like(data_dir=MNIST_DIR, validation=5000,
                                 train_size=55001)
     assert '--train-size' in one_line(info.value)
 
@@ -457,19 +457,19 @@ def test_validation_holds_out_the_last_examples_and_sizes_take_the_first(
     (dict(input_size=27), '--input-size'),
 ])
 def test_impossible_sizes_raise(kwargs, word):
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.get_mnist_like(data_dir=MNIST_DIR, **kwargs)
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.get_mnist_like(data_dir=MNIST_DIR, **kwargs)
     assert word in one_line(info.value)
 
 
 @needs_mnist
 @pytest.mark.parametrize('size, top', [(40, 6), (36, 4), (29, 0)])
 def test_input_size_pads_with_zeros_centred(raw_mnist, size, top):
-    train, _, test = datasets.get_mnist_like(
+    train, _, test = mnist.get_mnist_like(
         data_dir=MNIST_DIR, train_size=20, test_size=20, input_size=size)
-    for dataset, name in ((train, datasets.TRAIN_IMAGES),
-                          (test, datasets.TEST_IMAGES)):
-        x = datasets.to_arrays(dataset)[0]
+    for dataset, name in ((train, mnist.TRAIN_IMAGES),
+                          (test, mnist.TEST_IMAGES)):
+        x = mnist.to_arrays(dataset)[0]
         assert x.shape == (20, 1, size, size) and x.dtype == numpy.float32
         inner = x[:, 0, top:top + 28, top:top + 28]
         numpy.testing.assert_array_equal(inner * 255, raw_mnist[name][:20])
@@ -487,11 +487,11 @@ def copy_mnist(folder, skip=()):
 @needs_mnist
 def test_data_dir_with_a_truncated_file_names_it_and_its_md5(tmp_path):
     copy_mnist(tmp_path)
-    name = datasets.TEST_IMAGES
+    name = mnist.TEST_IMAGES
     with open(str(tmp_path / name), 'r+b') as f:
         f.truncate(100000)
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.get_mnist_like(data_dir=str(tmp_path))
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.get_mnist_like(data_dir=str(tmp_path))
     message = one_line(info.value)
     assert name in message and str(tmp_path) in message
     assert '9fb629c4189551a2d022fa330f9573f3' in message
@@ -499,17 +499,17 @@ def test_data_dir_with_a_truncated_file_names_it_and_its_md5(tmp_path):
 
 @needs_mnist
 def test_data_dir_with_a_missing_file_names_it_and_the_folder(tmp_path):
-    copy_mnist(tmp_path, skip=[datasets.TRAIN_LABELS])
-    with pytest.raises(datasets.DatasetError) as info:
-        datasets.get_mnist_like(data_dir=str(tmp_path))
+    copy_mnist(tmp_path, skip=[mnist.TRAIN_LABELS])
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.get_mnist_like(data_dir=str(tmp_path))
     message = one_line(info.value)
-    assert datasets.TRAIN_LABELS in message and str(tmp_path) in message
+    assert mnist.TRAIN_LABELS in message and str(tmp_path) in message
 
 
 @needs_mnist
 def test_a_verified_cache_is_used_without_network(tmp_path):
     copy_mnist(tmp_path)
-    train, validation, test = datasets.get_mnist_like(
+    train, validation, test = mnist.get_mnist_like(
         root=str(tmp_path), train_size=10, test_size=10)
     assert (len(train), validation, len(test)) == (10, None, 10)
 
@@ -518,22 +518,22 @@ def test_a_verified_cache_is_used_without_network(tmp_path):
 
 @needs_mnist
 def test_cli_verifies_a_data_dir(capsys):
-    assert datasets.main(['--dataset', 'mnist', '--data-dir', MNIST_DIR]) == 0
+    assert mnist.main(['--dataset', 'mnist', '--data-dir', MNIST_DIR]) == 0
     out = capsys.readouterr().out
     assert '60000 images' in out and '10000 labels' in out
 
 
 def test_cli_error_is_one_line_on_stderr_with_exit_status_1(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), '..', 'datasets.py')
     result = subprocess.run(
-        [sys.executable, script, '--dataset', 'mnist',
+        [sys.executable, '-m', 'capsnet.data.mnist', '--dataset', 'mnist',
          '--data-dir', str(tmp_path)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stdout == ''
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ')
-    assert datasets.TRAIN_IMAGES in lines[0] and str(tmp_path) in lines[0]
+    assert mnist.TRAIN_IMAGES in lines[0] and str(tmp_path) in lines[0]
 
 
 # -- random_shift ------------------------------------------------------------
@@ -553,7 +553,7 @@ def test_random_shift_moves_each_sample_by_its_own_offsets():
     x = numpy.random.RandomState(1).uniform(
         1, 2, (32, 2, 7, 9)).astype(numpy.float32)  # no zeros in the input
     original = x.copy()
-    out = datasets.random_shift(x, 3, numpy.random.RandomState(0))
+    out = mnist.random_shift(x, 3, numpy.random.RandomState(0))
     offsets = numpy.random.RandomState(0).randint(-3, 4, size=(32, 2))
     assert out.shape == x.shape and out.dtype == x.dtype and out is not x
     numpy.testing.assert_array_equal(x, original)
@@ -567,7 +567,7 @@ def test_random_shift_moves_each_sample_by_its_own_offsets():
 def test_random_shift_stays_within_max_shift_and_covers_the_range():
     x = numpy.zeros((500, 1, 11, 11), numpy.uint8)
     x[:, 0, 5, 5] = 255
-    out = datasets.random_shift(x, 2, numpy.random.RandomState(3))
+    out = mnist.random_shift(x, 2, numpy.random.RandomState(3))
     assert out.dtype == numpy.uint8
     b, _, i, j = numpy.nonzero(out)
     numpy.testing.assert_array_equal(b, numpy.arange(500))
@@ -578,20 +578,20 @@ def test_random_shift_stays_within_max_shift_and_covers_the_range():
 def test_random_shift_draws_once_and_is_deterministic():
     x = numpy.random.RandomState(2).rand(8, 1, 28, 28).astype(numpy.float32)
     state = numpy.random.RandomState(5)
-    first = datasets.random_shift(x, 2, state)
+    first = mnist.random_shift(x, 2, state)
     reference = numpy.random.RandomState(5)
     reference.randint(-2, 3, size=(8, 2))
     assert state.randint(1 << 30) == reference.randint(1 << 30)
     numpy.testing.assert_array_equal(
-        first, datasets.random_shift(x, 2, numpy.random.RandomState(5)))
+        first, mnist.random_shift(x, 2, numpy.random.RandomState(5)))
     assert not numpy.array_equal(
-        first, datasets.random_shift(x, 2, numpy.random.RandomState(6)))
+        first, mnist.random_shift(x, 2, numpy.random.RandomState(6)))
 
 
 def test_random_shift_zero_is_the_identity():
     x = numpy.random.RandomState(0).rand(4, 1, 28, 28).astype(numpy.float32)
     state = numpy.random.RandomState(0)
-    out = datasets.random_shift(x, 0, state)
+    out = mnist.random_shift(x, 0, state)
     numpy.testing.assert_array_equal(out, x)
     assert out.dtype == x.dtype and out is not x
     assert state.randint(1 << 30) == \
@@ -600,5 +600,5 @@ def test_random_shift_zero_is_the_identity():
 
 def test_random_shift_rejects_a_negative_max_shift():
     with pytest.raises(ValueError):
-        datasets.random_shift(numpy.zeros((1, 1, 4, 4)), -1,
+        mnist.random_shift(numpy.zeros((1, 1, 4, 4)), -1,
                               numpy.random.RandomState(0))

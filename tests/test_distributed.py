@@ -39,7 +39,7 @@ def mpiexec(n, *args, timeout=600, **kwargs):
 
 
 GRADIENT_CHECK = r'''
-import numpy, compat, chainer, chainermn, nets
+import numpy, nets, chainer, chainermn
 comm = chainermn.create_communicator('naive')
 random = numpy.random.RandomState(0)
 x = random.rand(8, 1, 28, 28).astype(numpy.float32)

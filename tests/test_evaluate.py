@@ -11,7 +11,7 @@ import re
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import evaluate
 from conftest import one_error_line
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import experiments
+from capsnet.errors import CapsNetError
 import train
 
 ROWS = ['baseline', 'r1', 'r1-recon', 'r3', 'r3-recon']
@@ -300,10 +301,10 @@ def test_dry_run_lists_five_rows(tmp_path, capsys, fake_launch):
 
 
 def test_unknown_row_is_an_error(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(CapsNetError) as info:
         experiments.main(['table1', '--epochs', '1', '--out', 'x',
                           '--rows', 'r2'])
-    assert 'unknown row' in capsys.readouterr().err
+    assert 'unknown row' in str(info.value) and info.value.status == 2
 
 
 def test_real_tiny_sweep(tmp_path, mnist_dir):

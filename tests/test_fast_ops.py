@@ -7,12 +7,12 @@ import sys
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
 from chainer import gradient_check
 
-import fast_ops
+from capsnet.kernels import convolution, heads, routing
 import nets
 from conftest import both_paths
 
@@ -35,7 +35,7 @@ def test_convolution_matches_chainer(method, height, width, kernel, stride):
     x = random(height, width, 2, 3).astype(numpy.float32)
     W = random(4, 3, kernel, kernel, seed=1).astype(numpy.float32)
     b = random(4, seed=2).astype(numpy.float32)
-    y = fast_ops.conv2d_hwbc(x, W, b, stride, method).array
+    y = convolution.conv2d_hwbc(x, W, b, stride, method).array
     numpy.testing.assert_allclose(
         y, reference_convolution(x, W, b, stride), rtol=1e-4, atol=1e-4)
 
@@ -51,7 +51,7 @@ def test_convolution_gradient_check(method, height, width, kernel, stride):
     out_w = (width - kernel) // stride + 1
     gy = random(out_h, out_w, 2, 2, seed=3)
     gradient_check.check_backward(
-        lambda x, W, b: fast_ops.conv2d_hwbc(x, W, b, stride, method),
+        lambda x, W, b: convolution.conv2d_hwbc(x, W, b, stride, method),
         (x, W, b), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
@@ -61,7 +61,7 @@ def test_digit_capsules_gradient_check(iterations):
     W = random(6, 3, 5, 4, seed=1, scale=0.5)
     gy = random(2, 3, 5, seed=2)
     gradient_check.check_backward(
-        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        lambda u, W: routing.digit_capsules(u, W, iterations)[0],
         (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
@@ -69,7 +69,7 @@ def test_digit_capsules_gradient_check(iterations):
 def test_digit_capsules_match_plain_routing(iterations):
     u = random(3, 12, 8, scale=0.3).astype(numpy.float32)
     W = random(12, 10, 16, 8, seed=1, scale=0.3).astype(numpy.float32)
-    v, c = fast_ops.digit_capsules(u, W, iterations)
+    v, c = routing.digit_capsules(u, W, iterations)
     v_ref, c_ref = nets.dynamic_routing(nets.prediction_vectors(u, W),
                                         iterations)
     numpy.testing.assert_allclose(v.array, v_ref.array, rtol=1e-4,
@@ -88,9 +88,9 @@ def test_digit_capsules_contractions_agree(iterations, monkeypatch):
     gy = random(2, 3, 5, seed=2)
     results = []
     for einsum in (True, False):
-        monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', einsum)
+        monkeypatch.setattr(routing, 'ROUTING_EINSUM', einsum)
         u_var, W_var = chainer.Variable(u), chainer.Variable(W)
-        v, c = fast_ops.digit_capsules(u_var, W_var, iterations)
+        v, c = routing.digit_capsules(u_var, W_var, iterations)
         v.grad = gy
         v.backward()
         results.append((v.array, c, u_var.grad, W_var.grad))
@@ -98,7 +98,7 @@ def test_digit_capsules_contractions_agree(iterations, monkeypatch):
         numpy.testing.assert_allclose(broadcast, with_einsum, rtol=1e-12,
                                       atol=1e-15)
     gradient_check.check_backward(
-        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        lambda u, W: routing.digit_capsules(u, W, iterations)[0],
         (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
@@ -118,7 +118,7 @@ def test_nchw_convolution_equals_chainers(x_shape, W_shape, stride, dtype,
     inputs = [random(*x_shape), random(*W_shape, seed=1, scale=0.3),
               random(W_shape[0], seed=2)]
     results = []
-    for function in (fast_ops.conv2d_nchw, F.convolution_2d):
+    for function in (convolution.conv2d_nchw, F.convolution_2d):
         variables = [chainer.Variable(a.astype(dtype)) for a in inputs]
         y = function(*variables, stride=stride)
         y.grad = random(*y.shape, seed=3).astype(dtype)
@@ -134,7 +134,7 @@ def test_nchw_convolution_gradient_check(stride):
     x, W, b = random(2, 3, 8, 7), random(4, 3, 3, 3, seed=1), random(4, seed=2)
     gy = random(2, 4, (8 - 3) // stride + 1, (7 - 3) // stride + 1, seed=3)
     gradient_check.check_backward(
-        lambda x, W, b: fast_ops.conv2d_nchw(x, W, b, stride=stride),
+        lambda x, W, b: convolution.conv2d_nchw(x, W, b, stride=stride),
         (x, W, b), gy, dtype=numpy.float64, atol=1e-6, rtol=1e-5)
 
 
@@ -142,12 +142,12 @@ def test_convolution_nodes_check_the_channels_on_their_own_axis():
     from chainer.utils.type_check import InvalidType
     W, b = random(4, 3, 3, 3), random(4)
     with pytest.raises(InvalidType):
-        fast_ops.conv2d_nchw(random(1, 2, 8, 8), W, b)       # 2 channels
+        convolution.conv2d_nchw(random(1, 2, 8, 8), W, b)       # 2 channels
     with pytest.raises(InvalidType):
-        fast_ops.conv2d_hwbc(random(8, 8, 1, 2), W, b)
-    assert fast_ops.conv2d_nchw(random(1, 3, 8, 8), W, b).shape == (
+        convolution.conv2d_hwbc(random(8, 8, 1, 2), W, b)
+    assert convolution.conv2d_nchw(random(1, 3, 8, 8), W, b).shape == (
         1, 4, 6, 6)
-    assert fast_ops.conv2d_hwbc(random(8, 8, 1, 3), W, b).shape == (
+    assert convolution.conv2d_hwbc(random(8, 8, 1, 3), W, b).shape == (
         6, 6, 1, 4)
 
 
@@ -194,35 +194,35 @@ def sum_reduction_stand_in(in_params, out_params, map_expr, reduce_expr,
 
 
 class StandInKernels:
-    squash = staticmethod(elementwise_stand_in(*fast_ops.SQUASH_KERNEL))
+    squash = staticmethod(elementwise_stand_in(*routing.SQUASH_KERNEL))
     squash_grad = staticmethod(elementwise_stand_in(
-        *fast_ops.SQUASH_GRAD_KERNEL))
-    dot = staticmethod(sum_reduction_stand_in(*fast_ops.DOT_KERNEL))
-    exp_sum = staticmethod(sum_reduction_stand_in(*fast_ops.EXP_SUM_KERNEL))
-    softmax = staticmethod(elementwise_stand_in(*fast_ops.SOFTMAX_KERNEL))
+        *routing.SQUASH_GRAD_KERNEL))
+    dot = staticmethod(sum_reduction_stand_in(*routing.DOT_KERNEL))
+    exp_sum = staticmethod(sum_reduction_stand_in(*routing.EXP_SUM_KERNEL))
+    softmax = staticmethod(elementwise_stand_in(*routing.SOFTMAX_KERNEL))
     softmax_grad = staticmethod(elementwise_stand_in(
-        *fast_ops.SOFTMAX_GRAD_KERNEL))
+        *routing.SOFTMAX_GRAD_KERNEL))
 
     @staticmethod
     def outer_sum(terms):
-        return elementwise_stand_in(*fast_ops.outer_sum_kernel(terms))
+        return elementwise_stand_in(*routing.outer_sum_kernel(terms))
 
 
 @pytest.fixture
 def stand_in_kernels(monkeypatch):
     """fast_ops takes its GPU-kernel branches, with the stand-ins, on
     NumPy arrays (and the broadcast contractions, as on CuPy)."""
-    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
-    monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', False)
+    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
+    monkeypatch.setattr(routing, 'ROUTING_EINSUM', False)
 
 
 def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
     s = random(4, 10, 16, scale=0.5).astype(numpy.float64)
     s[0, 0] = 0          # the gradient stays finite at zero
     gv = random(4, 10, 16, seed=1).astype(numpy.float64)
-    expected = fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv)
-    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
-    actual = fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv)
+    expected = routing.squash_forward(s), routing.squash_backward(s, gv)
+    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
+    actual = routing.squash_forward(s), routing.squash_backward(s, gv)
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         numpy.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-15)
@@ -236,14 +236,14 @@ def test_gpu_kernel_bodies_compute_the_softmax_and_its_gradient(
     logits = random(5, 4, 10, scale=30).astype(numpy.float64) + 1000
     g_c, g_more = (random(5, 4, 10, seed=k).astype(numpy.float64)
                    for k in (1, 2))
-    c = fast_ops._softmax(logits, axis=2)
+    c = routing._softmax(logits, axis=2)
 
     def results():
-        return (fast_ops._softmax(logits, axis=2),
-                fast_ops._softmax_backward(c, g_c, 2),
-                fast_ops._softmax_backward(c, g_c, 2, g_more))
+        return (routing._softmax(logits, axis=2),
+                routing._softmax_backward(c, g_c, 2),
+                routing._softmax_backward(c, g_c, 2, g_more))
     expected = results()
-    monkeypatch.setattr(fast_ops, '_kernels_for', lambda xp: StandInKernels)
+    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
     actual = results()
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
@@ -256,20 +256,20 @@ def test_gpu_kernel_bodies_compute_the_softmax_and_its_gradient(
 def test_routing_starts_from_the_softmax_of_zero_logits_exactly(dtype):
     u = random(2, 6, 4, scale=0.5).astype(dtype)
     W = random(6, 3, 5, 4, seed=1, scale=0.5).astype(dtype)
-    node = fast_ops.DigitCapsules(1)
+    node = routing.DigitCapsules(1)
     node.apply((u, W))
     first = node.coupling.transpose(1, 0, 2)                 # (I, B, J)
     assert first.dtype == dtype
     numpy.testing.assert_array_equal(
-        first, fast_ops._softmax(numpy.zeros((6, 2, 3), dtype), axis=2))
+        first, routing._softmax(numpy.zeros((6, 2, 3), dtype), axis=2))
 
 
 def test_gpu_kernel_outer_sum_equals_the_batched_product(stand_in_kernels):
     weights = [random(6, 2, 3, seed=k) for k in range(5)]
     vectors = [random(2, 3, 4, seed=10 + k) for k in range(5)]
     numpy.testing.assert_allclose(
-        fast_ops.outer_sum(weights, vectors, batched_gemm=False),
-        fast_ops.outer_sum(weights, vectors, batched_gemm=True), rtol=1e-5)
+        routing.outer_sum(weights, vectors, batched_gemm=False),
+        routing.outer_sum(weights, vectors, batched_gemm=True), rtol=1e-5)
 
 
 @pytest.mark.parametrize('iterations', [1, 3])
@@ -280,7 +280,7 @@ def test_digit_capsules_with_gpu_kernel_bodies(iterations, stand_in_kernels):
     W = random(6, 3, 5, 4, seed=1, scale=0.5)
     gy = random(2, 3, 5, seed=2)
     u_var, W_var = chainer.Variable(u), chainer.Variable(W)
-    v, c = fast_ops.digit_capsules(u_var, W_var, iterations)
+    v, c = routing.digit_capsules(u_var, W_var, iterations)
     v.grad = gy
     v.backward()
     u_ref, W_ref = chainer.Variable(u), chainer.Variable(W)
@@ -294,15 +294,15 @@ def test_digit_capsules_with_gpu_kernel_bodies(iterations, stand_in_kernels):
         numpy.testing.assert_allclose(actual, expected, rtol=1e-10,
                                       atol=1e-13)
     gradient_check.check_backward(
-        lambda u, W: fast_ops.digit_capsules(u, W, iterations)[0],
+        lambda u, W: routing.digit_capsules(u, W, iterations)[0],
         (u, W), gy, dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
 def test_squash_backward_is_finite_at_zero():
     s = numpy.zeros((2, 16))
-    g = fast_ops.squash_backward(s, numpy.ones_like(s))
+    g = routing.squash_backward(s, numpy.ones_like(s))
     assert numpy.isfinite(g).all()
-    assert numpy.all(fast_ops.squash_forward(s) == 0)
+    assert numpy.all(routing.squash_forward(s) == 0)
 
 
 @pytest.mark.parametrize('options', [
@@ -340,7 +340,7 @@ def plain_squash_capsules(x):
 
 
 def fused_squash_capsules(x):
-    return fast_ops.squash_capsules(x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2),
+    return heads.squash_capsules(x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2),
                                     (4, 8, 3))
 
 
@@ -349,15 +349,15 @@ HEADS = {
     'squash_capsules': (fused_squash_capsules, plain_squash_capsules,
                         (4, 6, 2, 2)),
     'margin_loss': (
-        lambda v: fast_ops.margin_loss(v, PRESENT, nets.M_PLUS, nets.M_MINUS,
+        lambda v: heads.margin_loss(v, PRESENT, nets.M_PLUS, nets.M_MINUS,
                                        nets.LAMBDA_ABSENT)[0],
         lambda v: nets.margin_loss_present(nets.safe_norm(v, axis=2),
                                            PRESENT.astype(v.dtype)),
         (4, 4, 5)),
-    'mask': (lambda v: fast_ops.mask(v, LABELS),
+    'mask': (lambda v: heads.mask(v, LABELS),
              lambda v: nets.mask(v, LABELS), (4, 4, 5)),
     'squared_error': (
-        lambda y: fast_ops.squared_error(y, random(4, 1, 3, 3, seed=7)
+        lambda y: heads.squared_error(y, random(4, 1, 3, 3, seed=7)
                                          .astype(y.dtype)),
         lambda y: nets.reconstruction_loss(y, random(4, 1, 3, 3, seed=7)
                                            .astype(y.dtype)),
@@ -402,7 +402,7 @@ def test_capsule_head_matches_the_plain_functions(name, dtype):
 
 def test_margin_loss_node_keeps_the_lengths():
     v = head_input('margin_loss')
-    lengths = fast_ops.margin_loss(v, PRESENT, 0.9, 0.1, 0.5)[1]
+    lengths = heads.margin_loss(v, PRESENT, 0.9, 0.1, 0.5)[1]
     numpy.testing.assert_allclose(
         lengths, nets.safe_norm(v, axis=2).array, rtol=1e-12)
     # the test input takes every branch of Eq. 4's two hinges
@@ -430,7 +430,7 @@ def test_decoder_node_matches_the_decoder_chain(dtype):
     for fused in (True, False):
         x = chainer.Variable(h.copy())
         chain.cleargrads()
-        y = fast_ops.decoder(x, chain.layers()) if fused else chain(x)
+        y = heads.decoder(x, chain.layers()) if fused else chain(x)
         y.grad = random(*y.shape, seed=5).astype(dtype)
         y.backward()
         assert y.dtype == dtype
@@ -447,7 +447,7 @@ def test_decoder_node_gradient_check():
     params = [array.array for layer in chain.layers() for array in layer]
 
     def function(h, W1, b1, W2, b2, W3, b3):
-        return fast_ops.decoder(h, [(W1, b1), (W2, b2), (W3, b3)])
+        return heads.decoder(h, [(W1, b1), (W2, b2), (W3, b3)])
 
     gy = random(3, 30, seed=4)
     gradient_check.check_backward(function, (h, *params), gy,
@@ -467,11 +467,11 @@ def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options, variant,
     NCHW convolution node instead of Chainer's)."""
     if variant == 'gpu-kernel-bodies':
         request.getfixturevalue('stand_in_kernels')
-    monkeypatch.setattr(fast_ops, 'GPU_CONVOLUTIONS',
+    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS',
                         variant == 'gpu-convolutions')
     convolutions = []
-    conv2d_nchw = fast_ops.conv2d_nchw
-    monkeypatch.setattr(fast_ops, 'conv2d_nchw', lambda *args, **kwargs: (
+    conv2d_nchw = convolution.conv2d_nchw
+    monkeypatch.setattr(convolution, 'conv2d_nchw', lambda *args, **kwargs: (
         convolutions.append(1), conv2d_nchw(*args, **kwargs))[1])
     numpy.random.seed(0)
     model = nets.CapsNet(**options)
@@ -533,11 +533,11 @@ def test_fixed_weights_reuses_the_kernel_transform_exactly():
     x = numpy.random.rand(2, 1, 28, 28).astype(numpy.float32)
     with chainer.no_backprop_mode():
         expected = model.capsules(x).array
-        with fast_ops.fixed_weights():
+        with convolution.fixed_weights():
             first = model.capsules(x).array
-            assert len(fast_ops._kernel_transforms) == 1
+            assert len(convolution._kernel_transforms) == 1
             second = model.capsules(x).array
-        assert fast_ops._kernel_transforms is None
+        assert convolution._kernel_transforms is None
         numpy.testing.assert_array_equal(first, expected)
         numpy.testing.assert_array_equal(second, expected)
         # outside the block a weight change is seen at once
@@ -552,7 +552,8 @@ def test_keep_freed_memory_takes_on_glibc():
     # in a child process: the settings last for the life of the process
     result = subprocess.run(
         [sys.executable, '-c',
-         'import fast_ops, numpy; ok = fast_ops.keep_freed_memory(); '
+         'import numpy; from capsnet.kernels import convolution; '
+         'ok = convolution.keep_freed_memory(); '
          'a = numpy.ones((64 << 20) // 4, numpy.float32); del a; '
          'b = numpy.ones((64 << 20) // 4, numpy.float32); '
          'print(ok, float(b.sum()))'],

@@ -16,14 +16,15 @@ import types
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-import cli
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import cli
 import evaluate
-import model_io
+from capsnet import files
 import nets
+from capsnet.errors import CapsNetError
 import predict
 import train
-import training_extensions
+from capsnet.training import extensions as ext
 import visualize
 from conftest import MNIST_DIR as MNIST
 from conftest import assert_one_error, needs_mnist, one_error_line
@@ -45,13 +46,13 @@ def leftovers(folder):
 def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path,
                                                         monkeypatch):
     path = tmp_path / 'final.json'
-    model_io.write_text(str(path), 'old\n')
+    files.write_text(str(path), 'old\n')
 
     def no_room(fd):
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(os, 'fsync', no_room)
     with pytest.raises(cli.DiskFullError) as info:
-        model_io.write_text(str(path), 'new' * 1000)
+        files.write_text(str(path), 'new' * 1000)
     message = str(info.value)
     assert str(path) in message and 'needs about' in message
     assert path.read_text() == 'old\n'
@@ -62,16 +63,14 @@ def test_atomic_write_refuses_up_front_without_room(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10)
     with pytest.raises(cli.DiskFullError, match='needs about 0.1 kB, 0.0 kB '
                        'free'):
-        model_io.write_text(str(tmp_path / 'x.json'), 'x' * 100)
+        files.write_text(str(tmp_path / 'x.json'), 'x' * 100)
     assert os.listdir(str(tmp_path)) == []
 
 
 def test_run_main_maps_enospc_to_one_line(capsys):
     def main(argv):
         raise OSError(errno.ENOSPC, 'No space left on device', 'out/log')
-    with pytest.raises(SystemExit) as info:
-        cli.run_main(main)
-    assert info.value.code == 1
+    assert cli.run_main(main) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'no space left on the disk while writing out/log' in line
 
@@ -96,11 +95,11 @@ def test_train_on_a_disk_that_fills_keeps_the_last_epoch(
     first = out / 'snapshot_epoch_1'
     monkeypatch.setattr(cli, 'free_bytes', lambda folder: 0 if first.exists()
                         else 10 ** 12)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(CapsNetError) as info:
         cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e',
                                   str(epochs), '-o', str(out), '--save',
                                   str(out / 'model.npz')])
-    assert info.value.code == 1
+    assert info.value.status == 1
     line = one_error_line(capsys.readouterr().err)
     assert lost in line and 'needs about' in line, line
     if lost != 'model.npz':  # not a run's end: it can go on
@@ -132,7 +131,7 @@ def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
                 raise OSError(errno.ENOSPC, 'No space left on device')
             json.dump(obj, f, **options)
     monkeypatch.setattr(log_report, 'json', FullDisk)
-    with pytest.raises(SystemExit):
+    with pytest.raises(CapsNetError):
         cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '3',
                                   '-o', str(out)])
     line = one_error_line(capsys.readouterr().err)
@@ -143,7 +142,7 @@ def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
 
 def plot_once(out, value):
     """One AtomicPlotReport('loss.png') call, as the trainer makes it."""
-    report = training_extensions.AtomicPlotReport(['main/loss'], 'epoch',
+    report = ext.AtomicPlotReport(['main/loss'], 'epoch',
                                                   file_name='loss.png')
     report(types.SimpleNamespace(
         observation={'main/loss': value}, is_before_training=True,
@@ -181,16 +180,15 @@ def test_train_writes_its_plots_atomically():
                       types.SimpleNamespace(reconstruct=False), None)
     plots = [e for e in added if isinstance(e, extensions.PlotReport)]
     assert len(plots) == 2 and all(
-        isinstance(e, training_extensions.AtomicPlotReport) for e in plots)
+        isinstance(e, ext.AtomicPlotReport) for e in plots)
 
 
 def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
                                                          monkeypatch,
                                                          capsys):
     monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10 ** 6)
-    with pytest.raises(SystemExit):
-        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
-                                  '-o', str(tmp_path / 'out')])
+    assert cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
+                                     '-o', str(tmp_path / 'out')]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert 'not enough free space' in line and 'the snapshots' in line
 
@@ -206,13 +204,13 @@ def nan_model_path(tmp_path_factory):
     model.decoder.fc1.W.array[0, 0] = numpy.nan
     model.conv1.b.array[0] = numpy.inf
     path = str(tmp_path_factory.mktemp('bad') / 'nan.npz')
-    model_io.save_model(path, model)
+    files.save_model(path, model)
     return path
 
 
 def test_load_model_refuses_non_finite_weights(nan_model_path):
-    with pytest.raises(model_io.ModelFileError, match='NaN or inf weights'):
-        model_io.load_model(nan_model_path)
+    with pytest.raises(files.ModelFileError, match='NaN or inf weights'):
+        files.load_model(nan_model_path, nets.ARCHITECTURES)
 
 
 @pytest.mark.parametrize('cut', [100, 0.5], ids=['header', 'half'])
@@ -226,10 +224,11 @@ def test_a_truncated_model_file_is_closed(fresh_model_path, tmp_path, cut):
     path.write_bytes(data[:cut if cut > 1 else int(len(data) * cut)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        for load in (model_io.load_model, train.readable_snapshot):
+        for load in (lambda p: files.load_model(p, nets.ARCHITECTURES),
+                     train.readable_snapshot):
             try:
                 load(str(path))
-            except model_io.ModelFileError:
+            except files.ModelFileError:
                 pass
         gc.collect()
     assert [str(w.message) for w in caught
@@ -240,7 +239,7 @@ def test_final_json_errors_are_counted(tmp_path):
     """final.json's errors come from counts: 59 of 10000 is 0.0059, not
     1 - float32 accuracy = 0.005900013446807861."""
     args = train.build_parser().parse_args(['-o', str(tmp_path)])
-    final = training_extensions.FinalReport('test/main/accuracy')
+    final = ext.FinalReport('test/main/accuracy')
     final.history = [(1, float(numpy.float32(0.9912))),
                      (2, float(numpy.float32(0.9941))),
                      (3, float(numpy.float32(0.9937)))]
@@ -308,13 +307,13 @@ def test_train_interrupted_is_one_line_and_resumable(tmp_path, signum,
     assert one_error_line(err) == \
         'error: interrupted; resume with --autoload'
     assert leftovers(str(out)) == []
-    assert not (out / model_io.LOCK_NAME).exists()
+    assert not (out / files.LOCK_NAME).exists()
     assert train.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
 
 
 SIGNALS = [('INT', 130), ('TERM', 143)]
 TOOLS = ['train.py', 'visualize.py', 'evaluate.py', 'predict.py',
-         'experiments.py', 'benchmark.py', 'gpu_check.py']
+         'experiments.py', 'dev/benchmark.py', 'dev/gpu_check.py']
 
 
 def interrupt(point, signame, tool, *argv):
@@ -334,7 +333,7 @@ def test_a_signal_while_a_tool_imports_is_one_line(tool, signame, status):
     benchmark.py and gpu_check.py import only the standard library at the
     top, so json there): one line and 130 / 143, not a traceback (nor a
     silent death by SIGTERM)."""
-    module = 'json' if tool in ('benchmark.py', 'gpu_check.py') else \
+    module = 'json' if tool in ('dev/benchmark.py', 'dev/gpu_check.py') else \
         'numpy'
     result = interrupt('import:' + module, signame, tool, '--help')
     assert result.returncode == status, result.stderr
@@ -345,10 +344,10 @@ def test_a_signal_while_a_tool_imports_is_one_line(tool, signame, status):
 def leftovers_below(folder):
     """Temporary files and folders, and lock files, anywhere below."""
     found = []
-    for top, dirs, files in os.walk(str(folder)):
-        found += [os.path.join(top, n) for n in dirs + files
+    for top, dirs, names in os.walk(str(folder)):
+        found += [os.path.join(top, n) for n in dirs + names
                   if n.endswith('.tmp') or n.startswith('tmp') or
-                  n == model_io.LOCK_NAME]
+                  n == files.LOCK_NAME]
     return found
 
 
@@ -357,7 +356,7 @@ def multimnist_model_path(tmp_path_factory):
     state = numpy.random.get_state()
     numpy.random.seed(0)
     path = str(tmp_path_factory.mktemp('models') / 'two.npz')
-    model_io.save_model(path, nets.TwoDigitCapsNet())
+    files.save_model(path, nets.TwoDigitCapsNet())
     numpy.random.set_state(state)
     return path
 
@@ -371,7 +370,7 @@ SIGNAL_POINTS = {
                  'error: interrupted', ['confusion.png', 'evaluation.json']),
     'visualize': (['visualize.py'], 'write', 'error: interrupted',
                   ['vis.png']),
-    'benchmark': (['benchmark.py', '-b', '2', '--repeats', '1', '--warmup',
+    'benchmark': (['dev/benchmark.py', '-b', '2', '--repeats', '1', '--warmup',
                    '0'], 'call:chainer.optimizers:Adam.update',
                   'error: interrupted', []),
     'multimnist': (['experiments.py', 'multimnist', '--epoch', '1',
@@ -435,7 +434,7 @@ def test_train_removes_leftovers_of_killed_writes(tmp_path):
     (out / 'tmpsnapshot_epoch_3abcd' / 'snapshot_epoch_3').write_bytes(b'x')
     (out / '.final.json.k2j3.tmp').write_text('{')
     (out / 'keep.txt').write_text('mine')
-    assert sorted(model_io.remove_leftovers(str(out))) == sorted(
+    assert sorted(files.remove_leftovers(str(out))) == sorted(
         [str(out / 'tmpsnapshot_epoch_3abcd'),
          str(out / '.final.json.k2j3.tmp')])
     assert os.listdir(str(out)) == ['keep.txt']
@@ -474,8 +473,8 @@ def test_sweep_terminated_stops_its_run(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert one_error_line(err).startswith('error: interrupted; run the same')
-    assert not (out / model_io.LOCK_NAME).exists()
-    assert not (run / model_io.LOCK_NAME).exists()  # train.py ended too
+    assert not (out / files.LOCK_NAME).exists()
+    assert not (run / files.LOCK_NAME).exists()  # train.py ended too
     assert leftovers(str(run)) == []
 
 
@@ -485,18 +484,16 @@ def test_sweep_terminated_stops_its_run(tmp_path):
 
 @needs_mnist
 def test_divergence_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
-    update = training_extensions.AugmentingUpdater.update_core
+    update = ext.AugmentingUpdater.update_core
 
     def diverge(self):
         update(self)
         if self.iteration >= 1:
             self.get_optimizer('main').target.conv1.W.array[0] = numpy.nan
-    monkeypatch.setattr(training_extensions.AugmentingUpdater, 'update_core',
+    monkeypatch.setattr(ext.AugmentingUpdater, 'update_core',
                         diverge)
-    with pytest.raises(SystemExit) as info:
-        cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
-                                  '-o', str(tmp_path / 'out')])
-    assert info.value.code == 1
+    assert cli.run_main(train.main, ['--data-dir', MNIST, *TINY, '-e', '1',
+                                     '-o', str(tmp_path / 'out')]) == 1
     line = one_error_line(capsys.readouterr().err)
     for fragment in ('diverged: a parameter became NaN or inf (found at '
                      'epoch 0.67, iteration 2)',
@@ -531,7 +528,7 @@ GPU_LIKE = types.SimpleNamespace(isfinite=numpy.isfinite, stack=numpy.stack)
 ], ids=['cpu', 'gpu-between', 'gpu-interval', 'gpu-epoch-end'])
 def test_divergence_check_reads_the_gpu_back_rarely(xp, iteration,
                                                     is_new_epoch, checked):
-    check = training_extensions.FailOnNonNumber(gpu_interval=100)
+    check = ext.FailOnNonNumber(gpu_interval=100)
     check(fake_trainer(xp, iteration, is_new_epoch, broken=False))
     broken = fake_trainer(xp, iteration, is_new_epoch, broken=True)
     if checked:
@@ -544,7 +541,7 @@ def test_divergence_check_reads_the_gpu_back_rarely(xp, iteration,
 def test_divergence_check_runs_before_the_snapshot():
     import chainer.training.extensions as extensions
     snapshot = extensions.snapshot()
-    assert training_extensions.FailOnNonNumber.priority > snapshot.priority
+    assert ext.FailOnNonNumber.priority > snapshot.priority
 
 
 # --------------------------------------------------------------------------
@@ -580,8 +577,8 @@ def test_experiments_seed_range(run_tool, tmp_path):
 
 
 def test_inference_batches_are_split_to_fit(fresh_model_path, monkeypatch):
-    import devices
-    model = model_io.load_model(fresh_model_path)
+    from capsnet import devices
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
     monkeypatch.setattr(devices, 'physical_memory', lambda: 4 * 10 ** 9)
     said = []
     assert devices.inference_batch(model, 100, say=said.append) == 100
@@ -597,8 +594,8 @@ def test_inference_batches_are_split_to_fit(fresh_model_path, monkeypatch):
 def test_inference_batches_on_a_gpu_fit_the_gpu_memory(fresh_model_path):
     """On CuPy the chunk is judged from the GPU's memory, not the RAM's (a
     stand-in model reports a 2 GB GPU; no GPU is needed)."""
-    import devices
-    model = model_io.load_model(fresh_model_path)
+    from capsnet import devices
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
 
     class OnGpu:
         xp = object()   # anything but numpy
@@ -621,8 +618,10 @@ def test_a_huge_eval_batchsize_is_not_refused():
     """Evaluation runs in chunks, so --eval-batchsize alone never makes
     train.py refuse a run (it did: 'needs about N GB of memory')."""
     args = train.build_parser().parse_args(['--eval-batchsize', '100000000'])
-    train.check_memory(args)  # no SystemExit
+    train.apply_recipe(args)
+    train.check_memory(args)  # no error
     small = train.build_parser().parse_args(['--eval-batchsize', '200'])
+    train.apply_recipe(small)
     assert train.memory_estimate(args) >= train.memory_estimate(small)
 
 
@@ -630,7 +629,7 @@ def tiny_capsnet_and_data(n=23):
     numpy.random.seed(0)
     model = nets.CapsNet(routing=1, reconstruct=True)
     rs = numpy.random.RandomState(1)
-    data = training_extensions.chainer.datasets.TupleDataset(
+    data = ext.chainer.datasets.TupleDataset(
         rs.rand(n, 1, 28, 28).astype(numpy.float32),
         rs.randint(0, 10, n).astype(numpy.int32))
     return model, data
@@ -652,7 +651,7 @@ def test_exact_evaluator_in_chunks_gives_the_same_figures():
         reporter = chainer.Reporter()
         reporter.add_observer('main', model)
         with reporter:
-            result = training_extensions.ExactEvaluator(
+            result = ext.ExactEvaluator(
                 iterator, model, eval_func=forward, chunk=chunk).evaluate()
         return {key: float(getattr(value, 'array', value))
                 for key, value in result.items()}
@@ -670,8 +669,8 @@ def test_evaluate_and_predict_split_a_huge_batch(run_tool, fresh_model_path,
                                                  tmp_path, monkeypatch):
     """-b larger than memory allows: said once, and the figures are those
     of a small batch."""
-    import devices
-    model = model_io.load_model(fresh_model_path)
+    from capsnet import devices
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
     per_example = devices.inference_bytes_per_example(model)
     flags = ['--load', fresh_model_path, '--data-dir', MNIST, '--test-size',
              '30', '--json']
@@ -714,7 +713,7 @@ def test_train_evaluates_a_huge_eval_batch_in_chunks(tmp_path, monkeypatch,
     """--eval-batchsize 100000000 is no longer refused: the test set is
     evaluated in chunks (said once), with exactly the figures of
     --eval-batchsize 7."""
-    import devices
+    from capsnet import devices
 
     def run(out, eval_batchsize):
         status, stdout, err = run_tool(train.main, [
@@ -815,11 +814,11 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, run_tool):
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
     pid = dead_pid()
     (tmp_path / '.lock').write_text('{} experiments.py\n'.format(pid))
-    path = model_io.lock_folder(str(tmp_path), 'train.py')
+    path = files.lock_folder(str(tmp_path), 'train.py')
     assert 'taking over the stale lock of process {} (experiments.py)' \
         .format(pid) in capsys.readouterr().out
-    assert model_io.read_lock(path) == (os.getpid(), 'train.py')
-    model_io.unlock(path)
+    assert files.read_lock(path) == (os.getpid(), 'train.py')
+    files.unlock(path)
     assert not os.path.exists(path)
 
 
@@ -856,6 +855,6 @@ def test_a_zombie_holder_counts_as_dead():
             if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
                 break
         time.sleep(0.05)
-    assert not model_io._alive(child.pid)
+    assert not files._alive(child.pid)
     child.wait()
-    assert model_io._alive(os.getpid())
+    assert files._alive(os.getpid())

@@ -20,12 +20,12 @@ import sys
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import gradient_check
 
-import fast_ops
-import model_io
+from capsnet.kernels import convolution, heads, routing
+from capsnet import files
 import nets
 
 pytestmark = pytest.mark.gpu
@@ -127,17 +127,17 @@ def test_margin_loss_and_mask_match_cpu(gpu_device):
 
 @pytest.fixture(params=[False, True], ids=['numpy-api', 'gpu-kernels'])
 def gpu_kernels(request, monkeypatch):
-    """fast_ops.GPU_KERNELS off and on (the CuPy kernels apply to CuPy
+    """routing.GPU_KERNELS off and on (the CuPy kernels apply to CuPy
     arrays only: with CAPSNET_TEST_DEVICE=@numpy both runs are the same)."""
-    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', request.param)
+    monkeypatch.setattr(routing, 'GPU_KERNELS', request.param)
     return request.param
 
 
 @pytest.fixture(params=[False, True], ids=['chainer-conv', 'nchw-conv'])
 def gpu_convolutions(request, monkeypatch):
-    """fast_ops.GPU_CONVOLUTIONS off and on (it changes the fast path on
+    """convolution.GPU_CONVOLUTIONS off and on (it changes the fast path on
     the GPU only: the CPU's has convolutions of its own)."""
-    monkeypatch.setattr(fast_ops, 'GPU_CONVOLUTIONS', request.param)
+    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS', request.param)
     return request.param
 
 
@@ -147,7 +147,7 @@ def test_nchw_convolution_matches_chainers_on_device(gpu_device, stride):
               random(8, 6, 9, 9, seed=1, scale=0.1), random(8, seed=2)]
     ours, chainers = (run_unit(gpu_device, lambda x, W, b: function(
         x, W, b, stride=stride), inputs) for function in (
-            fast_ops.conv2d_nchw, chainer.functions.convolution_2d))
+            convolution.conv2d_nchw, chainer.functions.convolution_2d))
     for actual, expected in zip(ours[0] + ours[1], chainers[0] + chainers[1]):
         numpy.testing.assert_allclose(actual, expected, **UNIT_TOLERANCE)
 
@@ -163,21 +163,21 @@ def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
                for k in range(5)]
     # logits far from 0, where a softmax without its maximum overflows
     logits = gpu_device.send(random(12, 6, 10, seed=14, scale=30) + 100)
-    coupling = fast_ops._softmax(logits, axis=2)
-    monkeypatch.setattr(fast_ops, 'ROUTING_EINSUM', False)
+    coupling = routing._softmax(logits, axis=2)
+    monkeypatch.setattr(routing, 'ROUTING_EINSUM', False)
 
     def results():
-        return [fast_ops.squash_forward(s), fast_ops.squash_backward(s, gv),
-                fast_ops.sum_over_inputs(c, u_hat),
-                fast_ops.agreement(u_hat, s),
-                fast_ops.outer_sum(weights, vectors, batched_gemm=False),
-                fast_ops._softmax(logits, axis=2),
-                fast_ops._softmax_backward(coupling, c, 2),
-                fast_ops._softmax_backward(coupling, c, 2, weights[0])]
+        return [routing.squash_forward(s), routing.squash_backward(s, gv),
+                routing.sum_over_inputs(c, u_hat),
+                routing.agreement(u_hat, s),
+                routing.outer_sum(weights, vectors, batched_gemm=False),
+                routing._softmax(logits, axis=2),
+                routing._softmax_backward(coupling, c, 2),
+                routing._softmax_backward(coupling, c, 2, weights[0])]
 
-    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', False)
+    monkeypatch.setattr(routing, 'GPU_KERNELS', False)
     expected = results()
-    monkeypatch.setattr(fast_ops, 'GPU_KERNELS', True)
+    monkeypatch.setattr(routing, 'GPU_KERNELS', True)
     for actual, wanted in zip(results(), expected):
         assert actual.shape == wanted.shape
         numpy.testing.assert_allclose(to_cpu(actual), to_cpu(wanted),
@@ -190,7 +190,7 @@ def test_gradient_check_on_device(gpu_device, name, gpu_kernels):
         return nets.dynamic_routing(nets.prediction_vectors(u, W), 3)[0]
 
     def fast_routing(u, W):
-        return fast_ops.digit_capsules(u, W, 3)[0]
+        return routing.digit_capsules(u, W, 3)[0]
 
     if gpu_kernels and name != 'fast_routing':
         pytest.skip('the GPU kernels serve the fast routing only')
@@ -215,13 +215,13 @@ def capsule_heads(device):
     target = device.send(random(4, 9, seed=7))
     labels = device.send(labels)
     return {
-        'squash_capsules': (lambda x: fast_ops.squash_capsules(
+        'squash_capsules': (lambda x: heads.squash_capsules(
             x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2), (4, 8, 3)), (4, 6, 2, 2)),
-        'margin_loss': (lambda v: fast_ops.margin_loss(
+        'margin_loss': (lambda v: heads.margin_loss(
             v, present, nets.M_PLUS, nets.M_MINUS, nets.LAMBDA_ABSENT)[0],
             (4, 4, 5)),
-        'mask': (lambda v: fast_ops.mask(v, labels), (4, 4, 5)),
-        'squared_error': (lambda y: fast_ops.squared_error(y, target),
+        'mask': (lambda v: heads.mask(v, labels), (4, 4, 5)),
+        'squared_error': (lambda y: heads.squared_error(y, target),
                           (4, 9)),
     }
 
@@ -263,7 +263,7 @@ def test_decoder_node_matches_cpu(gpu_device):
     for device, where in ((CPU, chain), (gpu_device, chain_on_device)):
         where.cleargrads()
         outputs, grads = run_unit(
-            device, lambda h: fast_ops.decoder(h, where.layers()), inputs)
+            device, lambda h: heads.decoder(h, where.layers()), inputs)
         results.append(outputs + grads + [to_cpu(p.grad)
                                           for p in where.params()])
     for expected, actual in zip(*results):
@@ -279,7 +279,7 @@ def test_decoder_node_gradient_check_on_device(gpu_device):
     gy = gpu_device.send(random(3, 30, seed=4, dtype=numpy.float64))
 
     def function(h, W1, b1, W2, b2, W3, b3):
-        return fast_ops.decoder(h, [(W1, b1), (W2, b2), (W3, b3)])
+        return heads.decoder(h, [(W1, b1), (W2, b2), (W3, b3)])
 
     gradient_check.check_backward(function, (h, *params), gy,
                                   dtype=numpy.float64, atol=1e-6, rtol=1e-5)
@@ -344,7 +344,7 @@ def test_fast_path_on_device_matches_plain_on_device(gpu_device,
     # the coupling coefficients too
     u = gpu_device.send(random(3, 1152, 8, scale=0.2))
     W = fast_on_device.W
-    v_fast, c_fast = fast_ops.digit_capsules(u, W, 3)
+    v_fast, c_fast = routing.digit_capsules(u, W, 3)
     v_plain, c_plain = nets.dynamic_routing(nets.prediction_vectors(u, W), 3)
     numpy.testing.assert_allclose(to_cpu(v_fast.array),
                                   to_cpu(v_plain.array), **UNIT_TOLERANCE)
@@ -390,9 +390,9 @@ def test_model_files_move_between_devices(gpu_device, tmp_path):
             model(train_on.send(x), train_on.send(t)).backward()
             optimizer.update()
         path = str(tmp_path / 'model-{}.npz'.format(train_on.xp.__name__))
-        model_io.save_model(path, model)
+        files.save_model(path, model)
         _, lengths_before = model.predict(train_on.send(x))
-        loaded = model_io.load_model(path)
+        loaded = files.load_model(path, nets.ARCHITECTURES)
         loaded.to_device(test_on)
         _, lengths_after = loaded.predict(test_on.send(x))
         numpy.testing.assert_allclose(to_cpu(lengths_after),
@@ -489,7 +489,7 @@ def test_seed_repeats_a_gpu_baseline_run(gpu_device, mnist_dir, tmp_path):
 
 
 def test_benchmark_on_device_prints_its_json_line(gpu_device):
-    result = run_tool('benchmark.py', '--device', str(gpu_device), '-b', 8,
+    result = run_tool('dev/benchmark.py', '--device', str(gpu_device), '-b', 8,
                       '--repeats', 1, '--warmup', 1, '--json')
     assert_ran(result)
     line = json.loads(result.stdout.strip().splitlines()[-1])

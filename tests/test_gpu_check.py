@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_check(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'gpu_check.py')]
+    return subprocess.run([sys.executable, os.path.join(REPO, 'dev/gpu_check.py')]
                           + [str(a) for a in args], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
 

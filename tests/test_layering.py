@@ -1,6 +1,15 @@
-"""The import layering the README's file map describes: each module imports
-only project modules of its own layer or below, never a tool; no cycles.
-Read from the source (every ``import``, also those inside functions)."""
+"""The layout the README's file map describes, read from the source (every
+``import``, also those inside functions, and every subprocess call):
+
+- the top level holds the user's tools and ``nets.py``, nothing else;
+- ``capsnet/`` is the library: it never imports a top-level file and never
+  runs a program;
+- ``nets.py`` imports only the library;
+- no tool imports another tool, and no tool runs another tool;
+- developer harnesses live in ``dev/``: they may import anything and run
+  the tools as a user would, but nothing outside dev/ imports or runs them;
+- no import cycles.
+"""
 import ast
 import glob
 import os
@@ -8,59 +17,127 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# lowest first; a module may import modules of its layer or below
-LAYERS = [
-    ('foundations', {'compat', 'cli'}),
-    ('data', {'datasets', 'paper_datasets'}),
-    ('model and kernels', {'fast_ops', 'baseline', 'nets'}),
-    ('files, figures and devices', {'model_io', 'figures', 'devices',
-                                    'kernel_profile'}),
-    ('training pieces', {'training_extensions', 'distributed',
-                         'paper_experiments'}),
-    ('tools', {'train', 'visualize', 'evaluate', 'predict', 'experiments',
-               'benchmark', 'gpu_check'}),
-]
-LAYER = {module: rank for rank, (_, modules) in enumerate(LAYERS)
-         for module in modules}
-TOOLS = LAYERS[-1][1]
+TOOLS = {'train', 'visualize', 'evaluate', 'predict', 'experiments',
+         'export'}
+MODEL = {'nets'}
+HARNESSES = {'benchmark', 'gpu_check', 'kernel_profile'}
+# what a subprocess call may name: a Python file, or python -m a module
+PROGRAM = ('.py', '-m')
 
 
-def project_modules():
-    return sorted(os.path.splitext(os.path.basename(path))[0]
-                  for path in glob.glob(os.path.join(REPO, '*.py')))
+def top_level():
+    return {os.path.splitext(os.path.basename(p))[0]
+            for p in glob.glob(os.path.join(REPO, '*.py'))}
+
+
+def library():
+    """{'capsnet.cli': path, ...} for every module of the package."""
+    found = {}
+    for path in glob.glob(os.path.join(REPO, 'capsnet', '**', '*.py'),
+                          recursive=True):
+        name = os.path.relpath(path, REPO)[:-3].replace(os.sep, '.')
+        found[name[:-len('.__init__')] if name.endswith('__init__')
+              else name] = path
+    return found
+
+
+def harnesses():
+    return {os.path.splitext(os.path.basename(p))[0]: p
+            for p in glob.glob(os.path.join(REPO, 'dev', '*.py'))}
+
+
+def source(module):
+    if module in library():
+        return library()[module]
+    if module in harnesses():
+        return harnesses()[module]
+    return os.path.join(REPO, module + '.py')
+
+
+def parse(module):
+    with open(source(module)) as f:
+        return ast.parse(f.read())
 
 
 def imports(module):
-    """Project modules that ``module`` imports anywhere in its source."""
-    with open(os.path.join(REPO, module + '.py')) as f:
-        tree = ast.parse(f.read())
+    """Project modules (top-level names, capsnet.* modules, harnesses) that
+    ``module`` imports anywhere in its source."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(parse(module)):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split('.')[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split('.')[0])
-    return names & set(project_modules())
+            names.add(node.module)
+            names.update('{}.{}'.format(node.module, alias.name)
+                         for alias in node.names)
+    known = top_level() | set(library()) | set(harnesses())
+    return {name for name in names if name in known}
 
 
-def test_every_module_has_a_layer():
-    assert set(project_modules()) == set(LAYER)
+RUNNERS = ('subprocess', 'os.system', 'os.exec', 'os.spawn', 'runpy',
+           'multiprocessing', 'sys.executable')
 
 
-@pytest.mark.parametrize('module', sorted(LAYER))
-def test_imports_go_down_and_no_tool_imports_a_tool(module):
-    for imported in imports(module):
-        assert LAYER[imported] <= LAYER[module], (
-            '{} ({}) imports {} ({})'.format(
-                module, LAYERS[LAYER[module]][0], imported,
-                LAYERS[LAYER[imported]][0]))
-        assert imported not in TOOLS, '{} imports the tool {}'.format(
-            module, imported)
+def programs_run(module):
+    """What in ``module`` can start a program: a string that is another
+    program's file name ('train.py', '.../train.py'; a program naming
+    itself in a message is not counted), and every use of subprocess,
+    os.system / exec / spawn, runpy, multiprocessing or sys.executable
+    (however the command is then built)."""
+    programs = {name + '.py' for name in top_level() | set(harnesses())}
+    programs.discard(os.path.basename(source(module)))
+    found = set()
+    for node in ast.walk(parse(module)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and os.path.basename(node.value) in programs:
+            found.add(node.value)
+        if isinstance(node, (ast.Attribute, ast.Name)):
+            text = ast.unparse(node)
+            found.update(runner for runner in RUNNERS
+                         if text == runner or text.startswith(runner + '.'))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [
+                getattr(node, 'module', None) or '']
+            found.update(runner for runner in RUNNERS
+                         if any(name.split('.')[0] == runner
+                                for name in names))
+    return found
+
+
+def test_the_top_level_is_the_tools_and_the_model():
+    assert top_level() == TOOLS | MODEL
+
+
+def test_the_harnesses_are_in_dev():
+    assert set(harnesses()) == HARNESSES
+
+
+@pytest.mark.parametrize('module', sorted(library()))
+def test_the_library_imports_only_the_library(module):
+    outside = {name for name in imports(module)
+               if not name.startswith('capsnet')}
+    assert not outside, '{} imports {}'.format(module, sorted(outside))
+
+
+def test_nets_imports_only_the_library():
+    assert {name for name in imports('nets')
+            if not name.startswith('capsnet')} == set()
+
+
+@pytest.mark.parametrize('module', sorted(TOOLS))
+def test_no_tool_imports_a_tool_or_a_harness(module):
+    bad = imports(module) & (TOOLS | HARNESSES)
+    assert not bad, '{} imports {}'.format(module, sorted(bad))
+
+
+@pytest.mark.parametrize('module', sorted(TOOLS | MODEL) + sorted(library()))
+def test_no_tool_and_no_library_module_runs_a_program(module):
+    assert programs_run(module) == set()
 
 
 def test_no_import_cycles():
-    graph = {module: imports(module) for module in LAYER}
+    modules = sorted(TOOLS | MODEL | set(library()) | set(harnesses()))
+    graph = {module: imports(module) for module in modules}
     done, path = set(), []
 
     def visit(module):
@@ -68,15 +145,20 @@ def test_no_import_cycles():
         if module in done:
             return
         path.append(module)
-        for imported in sorted(graph[module]):
+        for imported in sorted(graph[module] & set(graph) - {module}):
             visit(imported)
         path.pop()
         done.add(module)
 
-    for module in sorted(graph):
+    for module in modules:
         visit(module)
 
 
-def test_the_checker_sees_imports_inside_functions():
-    # the parser, not the layering, is what this checks
-    assert 'fast_ops' in imports('benchmark') and 'cli' in imports('datasets')
+def test_the_checker_sees_what_it_must():
+    # the parser, not the layout, is what this checks: imports inside
+    # functions, ``from capsnet import x`` as capsnet.x, and a harness
+    # running a tool
+    assert 'capsnet.kernels.routing' in imports('benchmark')
+    assert 'capsnet.cli' in imports('capsnet.data.mnist')
+    assert {'train.py', 'subprocess', 'sys.executable'} <= programs_run(
+        'gpu_check')

@@ -2,11 +2,11 @@
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
 
-import model_io
+from capsnet import files
 import nets
 
 
@@ -188,8 +188,8 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     numpy.random.seed(3)
     model = nets.CapsNet(routing=2, activation='leaky_relu', leaky_slope=0.1)
     path = str(tmp_path / 'model.npz')
-    model_io.save_model(path, model)
-    loaded = model_io.load_model(path)
+    files.save_model(path, model)
+    loaded = files.load_model(path, nets.ARCHITECTURES)
     assert loaded.options == model.options
     x = numpy.random.rand(5, 1, 28, 28).astype(numpy.float32)
     prediction, lengths = model.predict(x)
@@ -201,30 +201,30 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
 
 def test_load_errors_are_one_clear_line(tmp_path):
     missing = str(tmp_path / 'nope.npz')
-    with pytest.raises(model_io.ModelFileError, match='does not exist'):
-        model_io.load_model(missing)
+    with pytest.raises(files.ModelFileError, match='does not exist'):
+        files.load_model(missing, nets.ARCHITECTURES)
     path = str(tmp_path / 'model.npz')
-    model_io.save_model(path, nets.CapsNet(routing=1))
+    files.save_model(path, nets.CapsNet(routing=1))
     data = open(path, 'rb').read()
     truncated = str(tmp_path / 'truncated.npz')
     with open(truncated, 'wb') as f:
         f.write(data[:len(data) // 2])
-    with pytest.raises(model_io.ModelFileError, match='truncated or corrupt') \
+    with pytest.raises(files.ModelFileError, match='truncated or corrupt') \
             as error:
-        model_io.load_model(truncated)
+        files.load_model(truncated, nets.ARCHITECTURES)
     assert '\n' not in str(error.value)
     foreign = str(tmp_path / 'foreign.npz')
     numpy.savez(foreign, W=numpy.zeros(3))
-    with pytest.raises(model_io.ModelFileError, match='not a model file'):
-        model_io.load_model(foreign)
-    with pytest.raises(model_io.ModelFileError, match='routing=1 in the file'):
-        model_io.load_model(path, expected_options={'routing': 3})
+    with pytest.raises(files.ModelFileError, match='not a model file'):
+        files.load_model(foreign, nets.ARCHITECTURES)
+    with pytest.raises(files.ModelFileError, match='routing=1 in the file'):
+        files.load_model(path, nets.ARCHITECTURES, expected_options={'routing': 3})
 
 
 def test_interrupted_save_leaves_the_earlier_model_intact(tmp_path,
                                                           monkeypatch):
     path = str(tmp_path / 'model.npz')
-    model_io.save_model(path, nets.CapsNet(routing=1))
+    files.save_model(path, nets.CapsNet(routing=1))
     before = open(path, 'rb').read()
 
     def crash(*args, **kwargs):
@@ -232,7 +232,7 @@ def test_interrupted_save_leaves_the_earlier_model_intact(tmp_path,
 
     monkeypatch.setattr(numpy, 'savez_compressed', crash)
     with pytest.raises(KeyboardInterrupt):
-        model_io.save_model(path, nets.CapsNet(routing=2))
+        files.save_model(path, nets.CapsNet(routing=2))
     assert open(path, 'rb').read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.npz']
-    assert model_io.load_model(path).options['routing'] == 1
+    assert files.load_model(path, nets.ARCHITECTURES).options['routing'] == 1

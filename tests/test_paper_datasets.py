@@ -3,7 +3,7 @@ reader, on small synthetic digits and on the real MNIST."""
 import numpy
 import pytest
 
-import paper_datasets as pd
+from capsnet.data import paper as pd
 from conftest import needs_mnist, MNIST_DIR
 
 

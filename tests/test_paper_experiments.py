@@ -7,7 +7,7 @@ import numpy
 import pytest
 
 import experiments
-import model_io
+from capsnet import files
 import nets
 import paper_experiments
 from conftest import one_error_line, needs_mnist
@@ -85,7 +85,8 @@ def test_multimnist_end_to_end_resumes_and_refuses_another_cache(
     assert row['n'] == 1 and row['parameters'] == 11361808
     assert row['train_examples'] == 60 and row['test_examples'] == 20
     assert 'MultiMNIST' in open(out / 'table.md').read()
-    model = model_io.load_model(str(out / 'capsnet-trial0' / 'model.npz'))
+    model = files.load_model(str(out / 'capsnet-trial0' / 'model.npz'),
+                             nets.ARCHITECTURES)
     assert model.arch == 'capsnet-multimnist'
     # run again: finished, nothing trained
     status, out_text, _ = run_tool(experiments.main, argv)

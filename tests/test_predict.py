@@ -10,8 +10,9 @@ import numpy
 import pytest
 from PIL import Image
 
-import datasets
-import model_io
+from capsnet.data import mnist
+from capsnet import files
+import nets
 import predict
 from conftest import one_error_line, tile_shape
 
@@ -118,9 +119,9 @@ def test_colour_jpeg_is_read_as_gray(tmp_path):
 
 
 def test_mnist_test_images_round_trip_through_png(tmp_path, mnist_dir):
-    _, _, test = datasets.get_mnist_like('mnist', data_dir=mnist_dir,
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=mnist_dir,
                                          test_size=20)
-    x = datasets.to_arrays(test)[0][:, 0]
+    x = mnist.to_arrays(test)[0][:, 0]
     exact = 0
     for i, image in enumerate(x):
         out = predict.load_image(save_png(tmp_path / '{}.png'.format(i),
@@ -137,9 +138,9 @@ def test_mnist_test_images_round_trip_through_png(tmp_path, mnist_dir):
 def images(tmp_path, mnist_dir):
     """Two MNIST PNGs (one dark on bright) in tmp/digits, plus a text file,
     an empty file and the test arrays."""
-    _, _, test = datasets.get_mnist_like('mnist', data_dir=mnist_dir,
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=mnist_dir,
                                          test_size=3)
-    x = datasets.to_arrays(test)[0][:, 0]
+    x = mnist.to_arrays(test)[0][:, 0]
     folder = tmp_path / 'digits'
     folder.mkdir()
     good = [save_png(folder / 'a.png', x[0]),
@@ -188,7 +189,7 @@ def test_predictions_match_the_model_on_the_preprocessed_images(
     # the folder's image files, sorted; notes.txt is skipped
     assert [os.path.basename(r['file']) for r in records] == ['a.png',
                                                              'b.png']
-    model = model_io.load_model(fresh_model_path)
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
     prediction, lengths = model.predict(images['x'][:, None])
     assert [r['prediction'] for r in records] == prediction.tolist()
     numpy.testing.assert_allclose([r['lengths'] for r in records], lengths,

@@ -11,12 +11,13 @@ import matplotlib.image
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-import datasets
-import fast_ops
-import model_io
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet.data import mnist
+from capsnet.kernels import convolution, routing
+from capsnet import files
+import nets
 import train
-import training_extensions
+from capsnet.training import extensions as ext
 import visualize
 from conftest import MNIST_DIR as MNIST
 from conftest import assert_one_error, needs_mnist, tile_shape
@@ -57,10 +58,10 @@ def test_one_epoch_learns_and_writes_every_output(tmp_path):
         assert {entry.compress_type for entry in snapshot.infolist()} == {
             zipfile.ZIP_STORED}
     # the reported accuracy is the exact fraction of the 1,000 test images
-    model = model_io.load_model(str(model_path))
-    _, _, test = datasets.get_mnist_like('mnist', data_dir=MNIST,
+    model = files.load_model(str(model_path), nets.ARCHITECTURES)
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=MNIST,
                                          test_size=1000)
-    x, t = datasets.to_arrays(test)
+    x, t = mnist.to_arrays(test)
     predictions = numpy.concatenate([model.predict(x[i:i + 250])[0]
                                      for i in range(0, 1000, 250)])
     assert (predictions == t).mean() == pytest.approx(
@@ -82,7 +83,7 @@ TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
 
 
 def final_parameters(path):
-    model = model_io.load_model(str(path))
+    model = files.load_model(str(path), nets.ARCHITECTURES)
     return {name: p.array.copy() for name, p in model.namedparams()}
 
 
@@ -140,7 +141,7 @@ def test_newest_snapshot_picks_the_highest_epoch(tmp_path):
     for epoch in (2, 10, 9):
         (tmp_path / 'snapshot_epoch_{}'.format(epoch)).write_bytes(b'')
     (tmp_path / 'snapshot_epoch_x').write_bytes(b'')
-    newest = training_extensions.newest_snapshot
+    newest = ext.newest_snapshot
     assert newest(str(tmp_path)).endswith('snapshot_epoch_10')
     assert newest(str(tmp_path / 'none')) is None
 
@@ -149,12 +150,12 @@ def test_newest_snapshot_picks_the_highest_epoch(tmp_path):
 def test_gpu_fast_path_flags_reach_fast_ops(tmp_path, monkeypatch):
     """--gpu-kernels and --gpu-convolutions switch fast_ops' GPU pieces on
     (no effect on the CPU: the run trains as usual)."""
-    for name in ('GPU_KERNELS', 'GPU_CONVOLUTIONS'):
-        monkeypatch.setattr(fast_ops, name, False)   # restored afterwards
+    monkeypatch.setattr(routing, 'GPU_KERNELS', False)  # restored afterwards
+    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS', False)
     run_train('--train-size', '20', '--test-size', '10', '-e', '1', '-b',
               '10', '-o', str(tmp_path / 'result'), '--gpu-kernels',
               '--gpu-convolutions')
-    assert fast_ops.GPU_KERNELS and fast_ops.GPU_CONVOLUTIONS
+    assert routing.GPU_KERNELS and convolution.GPU_CONVOLUTIONS
     assert (tmp_path / 'result' / 'final.json').exists()
 
 

@@ -3,11 +3,12 @@ parameter counts of the paper's other networks."""
 import numpy
 import pytest
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import model_io
+from capsnet import files
 import nets
+from capsnet.errors import CapsNetError
 
 
 def test_two_hot_marks_both_labels():
@@ -115,8 +116,8 @@ def test_a_two_digit_model_file_round_trips(tmp_path):
     numpy.random.seed(0)
     model = nets.TwoDigitCapsNet(reconstruct=False)
     path = str(tmp_path / 'm.npz')
-    model_io.save_model(path, model)
-    loaded = model_io.load_model(path)
+    files.save_model(path, model)
+    loaded = files.load_model(path, nets.ARCHITECTURES)
     assert type(loaded) is nets.TwoDigitCapsNet
     assert (loaded.W.array == model.W.array).all()
 
@@ -124,10 +125,12 @@ def test_a_two_digit_model_file_round_trips(tmp_path):
 def test_single_digit_tools_refuse_a_multimnist_model(tmp_path, capsys):
     numpy.random.seed(0)
     path = str(tmp_path / 'm.npz')
-    model_io.save_model(path, nets.TwoDigitCapsNet(reconstruct=False))
-    with pytest.raises(SystemExit) as e:
-        model_io.load_model_or_fail(path, purpose='predict.py')
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count('\n') == 0 and err.startswith('error: ')
-    assert 'MultiMNIST model' in err and 'predict.py works on single' in err
+    files.save_model(path, nets.TwoDigitCapsNet(reconstruct=False))
+    with pytest.raises(CapsNetError) as e:
+        files.load_model_or_fail(path, nets.ARCHITECTURES,
+                                 purpose='predict.py')
+    assert e.value.status == 1
+    message = str(e.value)
+    assert message.count('\n') == 0
+    assert 'MultiMNIST model' in message
+    assert 'predict.py works on single' in message

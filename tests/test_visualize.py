@@ -9,11 +9,12 @@ import numpy
 import pytest
 from PIL import Image
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import figures
-import model_io
+from capsnet import figures
+from capsnet import files
+import nets
 import visualize
 from conftest import one_error_line, tile_shape
 
@@ -112,7 +113,7 @@ def test_pick_examples_takes_the_first_of_each_class():
 
 
 def test_decode_matches_the_models_reconstruction(fresh_model_path):
-    model = model_io.load_model(fresh_model_path)
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
     device = chainer.get_device('@numpy')
     rng = numpy.random.RandomState(0)
     v = rng.uniform(-0.3, 0.3, (4, 10, 16)).astype(numpy.float32)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """MNIST and Fashion-MNIST: verified download, IDX parsing and augmentation.
 
-    python datasets.py --dataset mnist                 # download and verify
-    python datasets.py --dataset mnist --data-dir D    # verify local files
+    python mnist.py --dataset mnist                 # download and verify
+    python mnist.py --dataset mnist --data-dir D    # verify local files
 
 Every file is checked against its published md5 before use, so a truncated or
 corrupt copy is reported (DatasetError, one line) instead of silently
@@ -21,10 +21,11 @@ import zlib
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import cli
+from capsnet import cli
+from capsnet.errors import CapsNetError
 
 TRAIN_IMAGES = 'train-images-idx3-ubyte.gz'
 TRAIN_LABELS = 'train-labels-idx1-ubyte.gz'
@@ -43,7 +44,7 @@ DATASETS = {
         },
         'mirrors': [
             'https://storage.googleapis.com/cvdf-datasets/mnist/',
-            'https://ossci-datasets.s3.amazonaws.com/mnist/',
+            'https://ossci-mnist.s3.amazonaws.com/mnist/',
             'http://yann.lecun.com/exdb/mnist/',
         ],
     },
@@ -72,7 +73,7 @@ _CACHE_FIX = ('delete it and run again to re-download, '
               'or pass --data-dir with a good copy')
 
 
-class DatasetError(Exception):
+class DatasetError(CapsNetError):
     """A dataset file is missing, corrupt or could not be downloaded.
 
     str() is one line: the problem, the file and how to fix it.

@@ -11,17 +11,21 @@ of a step the GPU is busy, and with what.
 Needs PyTorch (``benchmark.py --kernel-profile``, run by gpu_check.py on a
 machine that has it); nothing else in this project imports it.
 """
+import os
+import sys
+# the repository above dev/: the capsnet package and nets.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import bisect
 import gzip
 import json
-import os
 import tempfile
 import time
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import model_io
+from capsnet import files
 
 # Chrome-trace categories of PyTorch's profiler (Kineto)
 DEVICE_CATEGORIES = ('kernel', 'gpu_memcpy', 'gpu_memset')
@@ -82,7 +86,7 @@ def record(step, steps, synchronize, trace_path):
     Each Chainer function call becomes a range named ``Function.forward`` /
     ``Function.backward`` (a step may open ranges of its own with
     ``annotate``). Writes the Chrome trace to ``trace_path`` (gzip if it
-    ends with .gz) through ``model_io.atomic_write`` and returns ``(trace
+    ends with .gz) through ``files.atomic_write`` and returns ``(trace
     dict, wall seconds of the steps)``. Raises MissingTorch without PyTorch.
     """
     torch = require_torch()
@@ -104,7 +108,7 @@ def record(step, steps, synchronize, trace_path):
         profiler.export_chrome_trace(exported)
         with open(exported, 'rb') as f:
             data = f.read()
-    model_io.atomic_write(trace_path, lambda f: f.write(
+    files.atomic_write(trace_path, lambda f: f.write(
         gzip.compress(data) if trace_path.endswith('.gz') else data))
     return json.loads(data), wall
 

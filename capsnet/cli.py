@@ -16,11 +16,13 @@ import signal
 import sys
 import tempfile
 
+from capsnet.errors import CapsNetError
+
 
 def fail(message, status=1):
-    """Print ONE line ``error: message`` to stderr and exit with status."""
-    print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
-    sys.exit(status)
+    """Raise the one-line error ``message``: ``run_main`` prints it as
+    ``error: message`` and exits with ``status``."""
+    raise CapsNetError(message, status)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -111,17 +113,17 @@ def add_device_arguments(parser, default='@numpy'):
 
 def add_gpu_fast_path_arguments(parser):
     """--gpu-kernels and --gpu-convolutions: the fast path's optional GPU
-    pieces (fast_ops.GPU_KERNELS, fast_ops.GPU_CONVOLUTIONS)."""
+    pieces (routing.GPU_KERNELS, convolution.GPU_CONVOLUTIONS)."""
     parser.add_argument(
         '--gpu-kernels', action='store_true',
         help="on the GPU, squash, the routing's softmax and its "
              "contractions with u_hat through fast_ops' CuPy kernels "
-             "(fast_ops.GPU_KERNELS; off by default until timed on a GPU; "
+             "(routing.GPU_KERNELS; off by default until timed on a GPU; "
              "no effect on the CPU)")
     parser.add_argument(
         '--gpu-convolutions', action='store_true',
         help="on the GPU, the convolutions through fast_ops' NCHW node "
-             "instead of Chainer's (fast_ops.GPU_CONVOLUTIONS; off by "
+             "instead of Chainer's (convolution.GPU_CONVOLUTIONS; off by "
              "default until timed on a GPU; no effect on the CPU)")
 
 
@@ -155,9 +157,9 @@ def check_writable(folder, what='--out', status=1):
 # Faults: a full disk, Ctrl-C and SIGTERM, as one line (``run_main``)
 # --------------------------------------------------------------------------
 
-class DiskFullError(Exception):
+class DiskFullError(CapsNetError):
     """A write that found no room; the message names the file and the space
-    it needs. Raised by model_io.atomic_write and ``check_free_space``."""
+    it needs. Raised by files.atomic_write and ``check_free_space``."""
 
 
 def megabytes(n_bytes):
@@ -244,30 +246,36 @@ def run_main(main, argv=None, interrupted='interrupted'):
         previous = None
     try:
         return main(argv)
+    except CapsNetError as e:
+        return _error(str(e), e.status)
     except KeyboardInterrupt:
         return _interrupted(interrupted, 128 + signal.SIGINT)
     except Terminated:
         return _interrupted(interrupted, 128 + signal.SIGTERM)
-    except DiskFullError as e:
-        fail(e)
     except MemoryError as e:
-        fail('out of memory ({}); use smaller batches (--batchsize/-b, '
-             '--eval-batchsize) or a smaller --input-size'.format(
-                 ' '.join(str(e).split()) or 'MemoryError'))
+        return _error('out of memory ({}); use smaller batches (--batchsize/'
+                      '-b, --eval-batchsize) or a smaller --input-size'.format(
+                          ' '.join(str(e).split()) or 'MemoryError'), 1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        fail('no space left on the disk while writing {}; free some space '
-             'or choose another folder'.format(e.filename or 'a file'))
+        return _error('no space left on the disk while writing {}; free some '
+                      'space or choose another folder'.format(
+                          e.filename or 'a file'), 1)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _interrupted(message, status):
+def _error(message, status):
+    """Print the one line ``error: message`` (after what stdout holds) and
+    return ``status``."""
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    print('error: ' + message, file=sys.stderr)
+    print('error: ' + ' '.join(message.split()), file=sys.stderr)
     return status
+
+
+_interrupted = _error

@@ -18,16 +18,19 @@ and as the PyTorch reference times its own. The peak GPU memory is the CuPy
 memory pool's high-water mark for each path (the pool is emptied in
 between).
 """
-import cli  # standard library only: NumPy is imported after --threads
+import os
+import sys
+# the repository above dev/: the capsnet package and nets.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from capsnet import cli  # standard library only: NumPy is imported after --threads
 if __name__ == '__main__':  # first: see cli.py
     cli.exit_on_signals_while_importing()
 
 import json
-import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     add('--no-plain', action='store_true', help='time only the fast path')
     add('--routing-contraction', default='auto',
         choices=['auto', 'einsum', 'broadcast'],
-        help="how the fast routing contracts u_hat (fast_ops.ROUTING_EINSUM): "
+        help="how the fast routing contracts u_hat (routing.ROUTING_EINSUM): "
              "auto picks einsum on the CPU, broadcast-and-sum on the GPU")
     cli.add_gpu_fast_path_arguments(parser)
     add('--profile', action='store_true',
@@ -66,7 +69,7 @@ def parse_args(argv=None):
         help='end with one line holding a JSON object')
     add('--default-malloc', action='store_true',
         help='leave glibc returning freed memory to the system (see '
-             'fast_ops.keep_freed_memory)')
+             'convolution.keep_freed_memory)')
     cli.add_device_arguments(parser)
     return parser.parse_args(argv)
 
@@ -112,7 +115,7 @@ def measure(model, optimizer, x, t, x_eval, args, synchronize,
             back_to_back=False):
     """(training samples/s, evaluation samples/s, training samples/s with
     the steps back to back or None) for one implementation."""
-    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+    from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
 
     def train_step():
@@ -142,7 +145,7 @@ def host_timer():
     seconds of forward and backward calls without waiting for the device:
     the Python and launch side of each function, exclusive of the
     functions it calls (Linear's backward calls LinearGradData, ...)."""
-    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+    from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
 
     class HostTimer(chainer.FunctionHook):
@@ -185,7 +188,7 @@ def profile(model, optimizer, x, t, args, synchronize):
     for the device (the Python and launch side alone; on the CPU the same
     as the step).
     """
-    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+    from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     from chainer.function_hooks import TimerHook
 
     def forward_backward():
@@ -297,19 +300,19 @@ def main(argv=None):
                      "the GPU's kernels (pip install torch); leave the flag "
                      'out to run without it')
     import numpy
-    import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+    from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
-    import datasets
-    import devices
-    import fast_ops
+    from capsnet.data import mnist
+    from capsnet import devices
+    from capsnet.kernels import convolution, routing
     import nets
 
     # before any timing, so that both implementations run under it
-    kept = False if args.default_malloc else fast_ops.keep_freed_memory()
-    fast_ops.ROUTING_EINSUM = {'auto': None, 'einsum': True,
+    kept = False if args.default_malloc else convolution.keep_freed_memory()
+    routing.ROUTING_EINSUM = {'auto': None, 'einsum': True,
                                'broadcast': False}[args.routing_contraction]
-    fast_ops.GPU_KERNELS = args.gpu_kernels
-    fast_ops.GPU_CONVOLUTIONS = args.gpu_convolutions
+    routing.GPU_KERNELS = args.gpu_kernels
+    convolution.GPU_CONVOLUTIONS = args.gpu_convolutions
 
     args.device = cli.device_spec(args.device)
     device = devices.select_device(args, keep_freed_memory=False)
@@ -404,9 +407,9 @@ def main(argv=None):
         model.fast = True
         result['kernel_profile'] = kernel_profile(model, optimizer, x, t,
                                                   args, synchronize)
-    seconds_per_epoch = datasets.TRAIN_SIZE / train
+    seconds_per_epoch = mnist.TRAIN_SIZE / train
     print('fast path, {:,} training images: about {:.1f} min/epoch of '
-          'training steps (evaluation extra)'.format(datasets.TRAIN_SIZE,
+          'training steps (evaluation extra)'.format(mnist.TRAIN_SIZE,
                                                      seconds_per_epoch / 60))
     if args.json:
         print(json.dumps(result))

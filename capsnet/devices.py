@@ -5,12 +5,12 @@ import os
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import backend
 
-import cli
-import fast_ops
+from capsnet import cli
+from capsnet.kernels import convolution
 
 
 def cupy_problem():
@@ -29,7 +29,7 @@ def select_device(args, status=1, keep_freed_memory=True):
     with one line.
 
     On the CPU it also lets malloc keep freed memory for the next batch
-    (``fast_ops.keep_freed_memory``), which doubles training speed there;
+    (``convolution.keep_freed_memory``), which doubles training speed there;
     ``keep_freed_memory=False`` leaves that to the caller (benchmark.py
     measures both).
     """
@@ -49,7 +49,7 @@ def select_device(args, status=1, keep_freed_memory=True):
     except Exception as e:  # chainer raises several kinds here
         cli.fail(device_failure(spec, e), status)
     if device.xp is numpy and keep_freed_memory:
-        fast_ops.keep_freed_memory()  # its docstring says why
+        convolution.keep_freed_memory()  # its docstring says why
     return device
 
 

@@ -1,9 +1,12 @@
 """Files: model files (parameters plus the options that rebuild the
 network), atomic writes, and loading a model for a tool.
 
-    save_model(path, model)         # what train.py --save writes
-    load_model(path)                # rebuild it; ModelFileError if unusable
-    load_model_or_fail(path, ...)   # the same for a tool: one error line
+    save_model(path, model)                 # what train.py --save writes
+    load_model(path, nets.ARCHITECTURES)    # rebuild it; ModelFileError
+    load_model_or_fail(path, nets.ARCHITECTURES, ...)  # and what a tool needs
+
+The registry of networks is ``nets.ARCHITECTURES`` (above this package),
+so the caller hands it in.
 """
 import atexit
 import contextlib
@@ -18,12 +21,12 @@ import zipfile
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import cli
-import nets
-from cli import fail
+from capsnet import cli
+from capsnet.cli import fail
+from capsnet.errors import CapsNetError
 
 
 def atomic_write(path, write):
@@ -116,7 +119,7 @@ def open_npz(path):
             yield npz
 
 
-class ModelFileError(Exception):
+class ModelFileError(CapsNetError):
     """A model file that is missing, corrupt or of another network."""
 
 
@@ -147,7 +150,7 @@ def _npz_hint(folder):
         else ''
 
 
-def read_model_meta(path):
+def read_model_meta(path, architectures=None):
     """(arch, options) stored in a model file; ModelFileError if unusable."""
     if not os.path.exists(path):
         raise ModelFileError(
@@ -175,20 +178,21 @@ def read_model_meta(path):
             '{} is not a readable model file ({}: {}); it may be truncated '
             'or corrupt, so train again with --save'
             .format(path, type(e).__name__, e))
-    if meta.get('arch') not in nets.ARCHITECTURES:
+    if architectures is not None and meta.get('arch') not in architectures:
         raise ModelFileError('{} holds an unknown architecture {!r}'
                              .format(path, meta.get('arch')))
     return meta['arch'], meta['options']
 
 
-def load_model(path, expected_options=None):
+def load_model(path, architectures, expected_options=None):
     """Rebuild the network stored in ``path`` and load its parameters.
 
     Args:
+        architectures: {arch: network class} (``nets.ARCHITECTURES``).
         expected_options: if given, every key in it must match the stored
             options, else ModelFileError names the difference.
     """
-    arch, options = read_model_meta(path)
+    arch, options = read_model_meta(path, architectures)
     if expected_options:
         differ = {k: (options.get(k), v) for k, v in expected_options.items()
                   if options.get(k) != v}
@@ -199,7 +203,7 @@ def load_model(path, expected_options=None):
                     '{}={!r} in the file, {!r} asked'.format(k, a, b)
                     for k, (a, b) in sorted(differ.items()))))
     try:
-        model = nets.ARCHITECTURES[arch](**options)
+        model = architectures[arch](**options)
     except (TypeError, ValueError) as e:
         raise ModelFileError('{} holds options this code cannot build ({})'
                              .format(path, e))
@@ -241,9 +245,10 @@ def check_finite(model, path):
                 ' and {} more'.format(len(bad) - 3) if len(bad) > 3 else ''))
 
 
-def load_model_or_fail(path, need_capsnet=True, need_decoder=False,
-                       status=1, purpose='this tool'):
-    """load_model for a tool: exit with one line when the file is unusable.
+def load_model_or_fail(path, architectures, need_capsnet=True,
+                       need_decoder=False, status=1, purpose='this tool'):
+    """load_model for a tool: ModelFileError (with ``status``) when the file
+    is unusable or not the network the tool needs.
 
     Args:
         need_capsnet: the file must hold a CapsNet (not the baseline CNN).
@@ -251,9 +256,9 @@ def load_model_or_fail(path, need_capsnet=True, need_decoder=False,
         purpose: what needs it, for the messages.
     """
     try:
-        model = load_model(path)
+        model = load_model(path, architectures)
     except ModelFileError as e:
-        fail(e, status)
+        raise ModelFileError(str(e), status)
     except Exception as e:  # anything load_model did not anticipate
         fail('cannot load model file {} ({}: {}); it may be truncated or '
              'corrupt, so train again with --save'.format(

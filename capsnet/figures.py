@@ -6,7 +6,7 @@ import numpy
 import matplotlib
 import matplotlib.image
 
-from model_io import atomic_write
+from capsnet.files import atomic_write
 
 matplotlib.use('Agg')  # no display needed (and none on a server)
 

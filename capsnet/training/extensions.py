@@ -14,13 +14,13 @@ import re
 
 import numpy
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import training
 from chainer.training import extensions
 
-import datasets
-import model_io
+from capsnet.data import mnist
+from capsnet import files
 
 SNAPSHOT_PREFIX = 'snapshot_epoch_'
 SNAPSHOT_NAME = SNAPSHOT_PREFIX + '{.updater.epoch}'  # for extensions.snapshot
@@ -71,7 +71,7 @@ class AugmentingUpdater(training.updaters.StandardUpdater):
 
     def _convert(self, batch, device):
         x, t = chainer.dataset.concat_examples(batch)
-        x = datasets.random_shift(x, self.max_shift, self.shift_random)
+        x = mnist.random_shift(x, self.max_shift, self.shift_random)
         return (chainer.dataset.to_device(device, x),
                 chainer.dataset.to_device(device, t))
 
@@ -190,7 +190,7 @@ class ExactEvaluator(extensions.Evaluator):
 
 class AtomicPlotReport(extensions.PlotReport):
     """Chainer's PlotReport whose PNG (loss.png, accuracy.png) is written
-    through model_io.atomic_write: made in memory, the free space checked,
+    through files.atomic_write: made in memory, the free space checked,
     then a temporary file beside it and a rename. A full disk or an
     interrupt leaves the previous plot intact and no half-written file
     (PlotReport itself saves in place)."""
@@ -209,7 +209,7 @@ class AtomicPlotReport(extensions.PlotReport):
 
 def _atomic_savefig(figure, path, **options):
     options.setdefault('format', 'png')
-    model_io.atomic_write(path, lambda f: type(figure).savefig(
+    files.atomic_write(path, lambda f: type(figure).savefig(
         figure, f, **options))
 
 
@@ -290,7 +290,7 @@ class SaveBest(training.Extension):
         value = trainer.observation.get(self.key)
         if value is not None and float(value) > self.best:
             self.best = float(value)
-            model_io.save_model(self.path, trainer.updater.get_optimizer(
+            files.save_model(self.path, trainer.updater.get_optimizer(
                 'main').target)
 
     def serialize(self, serializer):

@@ -29,8 +29,8 @@ import zipfile
 
 import numpy
 
-import cli
-import datasets
+from capsnet import cli
+from capsnet.data import mnist
 
 MULTI_CANVAS = 36
 MULTI_SHIFT = 4
@@ -45,7 +45,7 @@ AFFNIST_SCALE = (0.8, 1.2)
 _SPLIT_SEED = {'train': 0, 'test': 1}
 
 
-class DataError(datasets.DatasetError):
+class DataError(mnist.DatasetError):
     """Bad settings, a cache made with other settings, a bad affNIST file.
     str() is one line."""
 
@@ -57,13 +57,13 @@ def load_mnist_arrays(data_dir=None, root=None):
         dict split -> (images (N, 28, 28) uint8, labels (N,) uint8) for
         'train' (60,000) and 'test' (10,000).
     """
-    spec = datasets.DATASETS['mnist']['files']
-    paths, fix = datasets._sources('mnist', data_dir, root)
-    arrays = {f: datasets.load_idx(p, spec[f], fix) for f, p in paths.items()}
-    return {'train': (arrays[datasets.TRAIN_IMAGES],
-                      arrays[datasets.TRAIN_LABELS]),
-            'test': (arrays[datasets.TEST_IMAGES],
-                     arrays[datasets.TEST_LABELS])}
+    spec = mnist.DATASETS['mnist']['files']
+    paths, fix = mnist._sources('mnist', data_dir, root)
+    arrays = {f: mnist.load_idx(p, spec[f], fix) for f, p in paths.items()}
+    return {'train': (arrays[mnist.TRAIN_IMAGES],
+                      arrays[mnist.TRAIN_LABELS]),
+            'test': (arrays[mnist.TEST_IMAGES],
+                     arrays[mnist.TEST_LABELS])}
 
 
 def place(images, canvas, dy, dx):
@@ -164,7 +164,7 @@ def cached_multimnist(path, images, labels, settings, write=None):
         settings: dict of multimnist's keyword arguments (pairs_per_digit,
             seed, split, max_shift, canvas) plus anything that identifies the
             source digits (e.g. n_digits); stored in the file.
-        write: ``write(path, fn)`` to write atomically (model_io.atomic_write);
+        write: ``write(path, fn)`` to write atomically (files.atomic_write);
             default plain numpy.savez to a temp file and rename.
 
     Raises:

@@ -34,17 +34,20 @@ as it exists (so an interrupted check keeps what it measured):
 CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
 script itself, not a measurement.
 """
-import cli
+import os
+import sys
+# the repository above dev/: the capsnet package and nets.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from capsnet import cli
 if __name__ == '__main__':  # first: see cli.py
     cli.exit_on_signals_while_importing()
 
 import importlib.util
 import json
-import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -16,11 +16,11 @@ Nothing here imports MPI until ``communicator`` is called: without
 import os
 import sys
 
-import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 
-import cli
-import training_extensions as ext
+from capsnet import cli
+from capsnet.training import extensions as ext
 
 #: ChainerMN's communicators; only 'naive' works without GPUs
 COMMUNICATORS = ('naive', 'flat', 'hierarchical', 'two_dimensional',

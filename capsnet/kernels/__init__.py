@@ -1,0 +1,1 @@
+"""The fast kernels: convolutions, the routing node, the capsule heads."""

@@ -1,0 +1,1 @@
+"""Training: the loop's pieces (extensions), ChainerMN (distributed)."""
