@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,16 +30,32 @@ from capsnet.cli import fail
 from capsnet.errors import CapsNetError
 
 
+# --------------------------------------------------------------------------
+# Temporary names: every one the project makes carries its marker, and the
+# cleanup removes those names and no other
+# --------------------------------------------------------------------------
+
+MARKER = '.capsnet-'
+# tempfile's random part: 8 characters of [a-z0-9_]
+_RANDOM = r'[a-z0-9_]{8}'
+#: atomic_write's temp file beside NAME: .capsnet-NAME.XXXXXXXX.tmp
+TEMP_FILE = re.compile(re.escape(MARKER) + r'(?P<name>.+)\.' + _RANDOM +
+                       r'\.tmp\Z')
+#: temp_folder's folder: .capsnet-tmp-XXXXXXXX
+TEMP_FOLDER = re.compile(re.escape(MARKER) + 'tmp-' + _RANDOM + r'\Z')
+
+
 def atomic_write(path, write):
     """Call ``write(binary_file)``, then put the bytes under ``path``
-    through a temp file beside it and a rename.
+    through a temp file beside it (``.capsnet-NAME.XXXXXXXX.tmp``) and a
+    rename.
 
     The bytes are made in memory first, so their size is known: a disk
     without room for them raises cli.DiskFullError (naming the file and the
     space it needs) before anything is written, and so does a full disk
     found during the write. An interrupted or failed write never leaves a
-    half file under the final name nor its temp file, and the previous file
-    stays intact.
+    half file under the final name, and the previous file stays intact;
+    only a kill -9 can leave the temp file, which remove_leftovers takes.
     """
     buffer = io.BytesIO()
     write(buffer)
@@ -47,8 +64,8 @@ def atomic_write(path, write):
     cli.check_free_space(folder, len(data), path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(
-            path) + '.', suffix=TEMP_SUFFIX, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=MARKER + os.path.basename(
+            path) + '.', suffix='.tmp', dir=folder)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -73,31 +90,113 @@ def atomic_write(path, write):
         raise
 
 
-TEMP_PREFIX = '.'
-TEMP_SUFFIX = '.tmp'
+@contextlib.contextmanager
+def temp_folder(folder):
+    """A new folder ``folder/.capsnet-tmp-XXXXXXXX`` for the block, removed
+    with what it holds afterwards (or by remove_leftovers after a kill)."""
+    path = tempfile.mkdtemp(prefix=MARKER + 'tmp-', dir=folder)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_leftovers(folder):
-    """Remove what interrupted writes left in ``folder``: atomic_write's
-    ``.NAME.XXXX.tmp`` files and Chainer's ``tmpNAME*`` folders (its
-    snapshot, log and plot writers). Returns the removed paths."""
+    """Remove what killed writes of this project left in ``folder``:
+    atomic_write's ``.capsnet-NAME.XXXXXXXX.tmp`` files and temp_folder's
+    ``.capsnet-tmp-XXXXXXXX`` folders, nothing else (no other name, no link,
+    no subfolder but those). Returns the removed paths."""
     removed = []
     try:
-        names = os.listdir(folder)
+        names = sorted(os.listdir(folder))
     except OSError:
         return removed
     for name in names:
         path = os.path.join(folder, name)
-        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) \
-                and os.path.isfile(path):
-            os.remove(path)
-        elif name.startswith('tmp') and os.path.isdir(path) and \
-                not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
+        if os.path.islink(path):
             continue
+        try:
+            if TEMP_FILE.match(name) and os.path.isfile(path):
+                os.remove(path)
+            elif TEMP_FOLDER.match(name) and os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                continue
+        except OSError:
+            continue   # not ours to force (permissions): left as it is
         removed.append(path)
     return removed
+
+
+# --------------------------------------------------------------------------
+# A fresh run in another run's folder
+# --------------------------------------------------------------------------
+
+#: what a training run writes in its --out (train.py and the trainer's
+#: extensions): the epoch snapshots, the summary, the plots, the best model
+RUN_FILE = re.compile(r'(snapshot_epoch_\d+|final\.json|loss\.png|'
+                      r'accuracy\.png|model_best_val\.npz)\Z')
+#: under MPI rank r > 0 keeps its snapshots in --out/rank<r>
+RANK_FOLDER = re.compile(r'rank(?P<rank>[1-9]\d*)\Z')
+LOG_NAME = 'log'
+
+
+def _is_training_log(path):
+    """Whether ``path`` is a trainer's log: a JSON list of epoch records."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(1).strip() not in (b'[', b''):
+                return False
+            f.seek(0)
+            records = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(records, list) and all(
+        isinstance(r, dict) and 'epoch' in r for r in records)
+
+
+def run_files(out):
+    """The names in folder ``out`` that a training run wrote (sorted): its
+    snapshots, log, final.json, plots, best model and rank<r> folders with
+    snapshots; [] for a missing or unrelated folder."""
+    try:
+        names = sorted(os.listdir(out))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(out, name)
+        if RUN_FILE.match(name) or (name == LOG_NAME and
+                                    _is_training_log(path)):
+            found.append(name)
+        elif RANK_FOLDER.match(name) and os.path.isdir(path) and any(
+                RUN_FILE.match(n) for n in _listdir(path)):
+            found.append(name)
+    return found
+
+
+def _listdir(folder):
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def check_fresh_out(out, resuming, flag='--out'):
+    """CapsNetError if ``out`` holds another run's files (``run_files``)
+    and this run does not continue it (``resuming`` false: no --autoload
+    and no --resume); nothing in ``out`` is touched. A missing or empty
+    folder, or one holding only other files, is fine."""
+    if resuming:
+        return
+    found = run_files(out)
+    if found:
+        raise CapsNetError(
+            '{} {} holds another run ({}{}); continue it with --autoload, or '
+            'choose a new {} folder for a fresh run (nothing there was '
+            'changed)'.format(flag, out, ', '.join(found[:4]),
+                              ' and {} more'.format(len(found) - 4)
+                              if len(found) > 4 else '', flag))
 
 
 def write_text(path, text):
@@ -292,7 +391,7 @@ def load_model_or_fail(path, architectures, need_capsnet=True,
 # A lock on a run folder (train.py, experiments.py)
 # --------------------------------------------------------------------------
 
-LOCK_NAME = '.lock'
+LOCK_NAME = MARKER + 'lock'
 
 
 def _alive(pid):
@@ -313,7 +412,7 @@ def _alive(pid):
 
 
 def lock_folder(folder, tool, flag='--out'):
-    """Take ``folder/.lock`` (holding our PID), or exit with one line if a
+    """Take ``folder/.capsnet-lock`` (holding our PID), or exit with one line if a
     live process holds it. A lock left by a dead process is taken over, and
     that is said on stdout. Returns the lock's path; ``unlock`` frees it."""
     path = os.path.join(folder, LOCK_NAME)

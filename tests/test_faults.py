@@ -428,18 +428,6 @@ def test_an_interrupted_snapshot_write_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(str(tmp_path))) == ['snapshot_epoch_1']
 
 
-def test_train_removes_leftovers_of_killed_writes(tmp_path):
-    out = tmp_path / 'out'
-    (out / 'tmpsnapshot_epoch_3abcd').mkdir(parents=True)
-    (out / 'tmpsnapshot_epoch_3abcd' / 'snapshot_epoch_3').write_bytes(b'x')
-    (out / '.final.json.k2j3.tmp').write_text('{')
-    (out / 'keep.txt').write_text('mine')
-    assert sorted(files.remove_leftovers(str(out))) == sorted(
-        [str(out / 'tmpsnapshot_epoch_3abcd'),
-         str(out / '.final.json.k2j3.tmp')])
-    assert os.listdir(str(out)) == ['keep.txt']
-
-
 @pytest.mark.slow
 @needs_mnist
 @pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130),
@@ -804,7 +792,7 @@ def dead_pid():
 def test_a_live_lock_refuses_a_second_run(tmp_path, run_tool):
     out = tmp_path / 'out'
     out.mkdir()
-    (out / '.lock').write_text('{} train.py\n'.format(os.getppid()))
+    (out / files.LOCK_NAME).write_text('{} train.py\n'.format(os.getppid()))
     status, _, err = run_tool(train.main, ['-o', out, '--data-dir', MNIST])
     assert status == 1
     assert 'is in use by process {} (train.py)'.format(os.getppid()) in \
@@ -813,7 +801,7 @@ def test_a_live_lock_refuses_a_second_run(tmp_path, run_tool):
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
     pid = dead_pid()
-    (tmp_path / '.lock').write_text('{} experiments.py\n'.format(pid))
+    (tmp_path / files.LOCK_NAME).write_text('{} experiments.py\n'.format(pid))
     path = files.lock_folder(str(tmp_path), 'train.py')
     assert 'taking over the stale lock of process {} (experiments.py)' \
         .format(pid) in capsys.readouterr().out
@@ -825,7 +813,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
 def test_two_sweeps_on_one_out(tmp_path):
     out = tmp_path / 'sweep'
     out.mkdir()
-    (out / '.lock').write_text('{} experiments.py\n'.format(os.getppid()))
+    (out / files.LOCK_NAME).write_text('{} experiments.py\n'.format(os.getppid()))
     result = subprocess.run(
         [sys.executable, 'experiments.py', 'table1', '--epoch', '1',
          '--trials', '1', '--rows', 'r1', '--out', str(out)],

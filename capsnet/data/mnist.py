@@ -123,7 +123,7 @@ def _download(url, path, md5, opener):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(
-            prefix='.' + os.path.basename(path) + '.', suffix='.part',
+            prefix='.capsnet-' + os.path.basename(path) + '.', suffix='.tmp',
             dir=os.path.dirname(path))
         h = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, 'wb') as out, opener(url, timeout=TIMEOUT) as resp:
