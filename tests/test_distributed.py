@@ -14,6 +14,10 @@ import time
 import numpy
 import pytest
 
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+from capsnet import cli
+from capsnet.errors import CapsNetError
+from capsnet.training import distributed
 from conftest import MNIST_DIR, assert_one_error, needs_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,3 +191,167 @@ def test_without_the_flag_nothing_mpi_is_imported():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == '[]'
+
+
+# --------------------------------------------------------------------------
+# A failure on one rank ends the whole job, said once (issue 26)
+# --------------------------------------------------------------------------
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith('error:')]
+
+
+def run_fault(case, timeout=120):
+    start = time.time()
+    result = mpiexec(2, os.path.join('tests', 'mpi_fault_driver.py'), case,
+                     timeout=timeout)
+    return result, time.time() - start
+
+
+@needs_mpi
+def test_no_fault_ends_normally():
+    result, _ = run_fault('none')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert error_lines(result.stderr + result.stdout) == []
+    assert 'rank 0: done' in result.stdout
+
+
+@needs_mpi
+@pytest.mark.parametrize('case, fragments', [
+    ('start', ['rank 1 of 2', 'cannot write out/rank1 (injected)']),
+    ('middle', ['rank 1 of 2', 'snapshot cannot be written (injected)']),
+    ('disk', ['rank 1 of 2', 'no space left', 'out/rank1/snapshot_epoch_1']),
+    ('bug', ['rank 1 of 2', 'ZeroDivisionError: injected bug']),
+])
+def test_a_failing_rank_ends_the_job_with_one_line(case, fragments):
+    """Rank 1 fails at its start check or mid-run while rank 0 waits in an
+    allreduce: the job ends (no hang) with a non-zero status and the one
+    line of rank 1's problem, printed once."""
+    result, seconds = run_fault(case)
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    lines = error_lines(result.stderr + result.stdout)
+    assert len(lines) == 1, (result.returncode, result.stdout, result.stderr)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert seconds < 60, seconds   # chainer's import alone takes a while
+    if case == 'start':   # nobody started: the check came first
+        assert 'checks passed' not in result.stdout
+
+
+# --------------------------------------------------------------------------
+# MPI misuse: a launch without --communicator, snapshots of another size
+# --------------------------------------------------------------------------
+
+LAUNCHERS = ('OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'PMI_SIZE',
+             'PMI_RANK', 'PMIX_RANK', 'MPI_LOCALNRANKS', 'MPI_LOCALRANKID',
+             'MV2_COMM_WORLD_SIZE', 'MV2_COMM_WORLD_RANK', 'HYDRA_CONTROL_FD',
+             'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'SLURM_PROCID',
+             'PMI_FD')
+
+
+@pytest.mark.parametrize('environ, size', [
+    ({}, None),
+    ({'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '0'}, 4),
+    ({'PMI_SIZE': '2', 'PMI_RANK': '1', 'MPI_LOCALNRANKS': '2'}, 2),  # MPICH
+    ({'PMI_SIZE': '1', 'PMI_RANK': '0'}, 1),                  # mpiexec -n 1
+    ({'MV2_COMM_WORLD_SIZE': '3'}, 3),                        # MVAPICH2
+    ({'MPI_LOCALNRANKS': '2', 'MPI_LOCALRANKID': '0'}, 2),    # Hydra
+    ({'PMIX_RANK': '0', 'SLURM_STEP_NUM_TASKS': '8'}, 8),     # srun pmix
+    ({'PMIX_RANK': '3'}, 4),                                  # at least
+    # Slurm alone is no MPI launch (a batch job running python once)
+    ({'SLURM_NTASKS': '4', 'SLURM_PROCID': '0'}, None),
+    ({'SLURM_STEP_NUM_TASKS': '2', 'SLURM_PROCID': '1'}, None),
+    ({'OMPI_COMM_WORLD_SIZE': 'x'}, None),                     # garbage
+    ({'PMI_SIZE': '0'}, None),
+])
+def test_launched_by_mpi_reads_the_launchers(monkeypatch, environ, size):
+    for name in LAUNCHERS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.launched_by_mpi() == size
+    assert distributed.launched_by_mpi(environ) == size
+
+
+def mpi_run(out, ranks, epochs=(1, 2)):
+    """The snapshots of a run of ``ranks`` processes in ``out``."""
+    for rank in range(ranks):
+        folder = out if rank == 0 else out / 'rank{}'.format(rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        for epoch in epochs:
+            (folder / 'snapshot_epoch_{}'.format(epoch)).write_bytes(b'x')
+
+
+@pytest.mark.parametrize('made, resumed, fragments', [
+    (2, 1, ['made by 2 processes', 'mpiexec -n 2', '--communicator']),
+    (4, 2, ['made by 4 processes', 'mpiexec -n 4']),
+    (1, 2, ['made by 1 process', 'without mpiexec']),
+    (3, 1, ['made by 3 processes']),
+])
+def test_snapshots_of_another_number_of_ranks_are_refused(
+        tmp_path, made, resumed, fragments):
+    out = tmp_path / 'out'
+    mpi_run(out, made)
+    for where in (out, out / 'snapshot_epoch_2'):  # --autoload, --resume
+        with pytest.raises(CapsNetError) as caught:
+            distributed.check_snapshot_ranks(str(where), resumed)
+        message = str(caught.value)
+        for fragment in fragments:
+            assert fragment in message, message
+        assert str(out) in message
+
+
+@pytest.mark.parametrize('ranks', [1, 2, 3])
+def test_snapshots_of_as_many_ranks_are_fine(tmp_path, ranks):
+    out = tmp_path / 'out'
+    mpi_run(out, ranks)
+    distributed.check_snapshot_ranks(str(out), ranks)
+    distributed.check_snapshot_ranks(str(out / 'snapshot_epoch_1'), ranks)
+    distributed.check_snapshot_ranks(str(tmp_path / 'empty'), ranks)
+
+
+def test_a_rank_folder_snapshot_without_mpi_is_refused(tmp_path):
+    out = tmp_path / 'out'
+    mpi_run(out, 2)
+    with pytest.raises(CapsNetError) as caught:
+        distributed.check_snapshot_ranks(
+            str(out / 'rank1' / 'snapshot_epoch_2'), 1)
+    assert 'rank 1' in str(caught.value)
+
+
+def test_a_gpu_communicator_without_cupy_names_cupy(monkeypatch):
+    """Not NCCL, not ChainerMN: CuPy is what is missing."""
+    monkeypatch.setitem(sys.modules, 'cupy', None)
+    for name in ('pure_nccl', 'flat', 'hierarchical'):
+        with pytest.raises(CapsNetError) as caught:
+            distributed.communicator(name, '@cupy:0')
+        message = str(caught.value)
+        assert 'CuPy' in message and 'not installed' in message, message
+        assert 'NCCL' not in message.split(';')[0]
+
+
+def test_a_failure_before_mpi_is_said_by_rank_0_only(monkeypatch):
+    """Every rank meets the same missing piece; rank 0 alone says it (the
+    launcher's rank variable, since MPI is not up yet)."""
+    monkeypatch.setitem(sys.modules, 'cupy', None)
+    monkeypatch.setenv('PMI_RANK', '1')
+    monkeypatch.setenv('PMI_SIZE', '2')
+    with pytest.raises(distributed.RankFailed) as caught:
+        distributed.communicator('pure_nccl', '@cupy:0')
+    assert caught.value.quiet
+    status, out, err = run_quietly(
+        lambda argv: distributed.communicator('pure_nccl', '@cupy:0'))
+    assert (status, out, err) == (1, '', '')
+    monkeypatch.setenv('PMI_RANK', '0')
+    with pytest.raises(CapsNetError) as caught:
+        distributed.communicator('pure_nccl', '@cupy:0')
+    assert not isinstance(caught.value, distributed.RankFailed)
+
+
+def run_quietly(main):
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.run_main(main, [])
+    return status, out.getvalue(), err.getvalue()
