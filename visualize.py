@@ -4,27 +4,31 @@
     python visualize.py -g 0 --load model --out vis
     python visualize.py --load model --range 0.25 --step 0.05   # CPU
 
-Writes into --out (default ``vis``):
+Writes into --out (default ``vis``), every figure titled, white digits on
+black, each image pixel drawn as --scale x --scale screen pixels (default
+4, so a 28 x 28 digit is 112 x 112):
 
 - ``vis.png``: the first two test examples of every class (20 images), each
-  directly above its reconstruction (blue) from the PREDICTED class's
-  capsule (4 rows x 10 columns: inputs, reconstructions, inputs,
-  reconstructions).
+  headed with its true and predicted class (red when wrong) and directly
+  above its reconstruction from the PREDICTED class's capsule (4 rows x 10
+  columns: inputs, reconstructions, inputs, reconstructions).
 - ``vis_all.png``: one test example per class as columns; the top row is the
-  input (green), row 1 + i its reconstruction through digit capsule i alone
-  (blue): 11 rows x 10 columns.
+  input (headed true / predicted), row 1 + j its reconstruction through
+  digit capsule j alone (labelled ``capsule j``): 11 rows x 10 columns.
 - ``vis_tweaked0.png`` ... ``vis_tweaked9.png``: for one example of each
   class, the capsule of its TRUE label (the paper's Figure 4) with one of its
-  16 dimensions perturbed per row by -range ... +range in steps of --step
-  (columns); the unperturbed column is framed in red: 16 rows x
-  (2 * round(range / step) + 1) columns.
+  16 dimensions perturbed per row (``dim d``) by -range ... +range in steps
+  of --step (columns, headed with the value added); the unperturbed column
+  is framed in red: 16 rows x (2 * round(range / step) + 1) columns.
+- with ``--html [FILE]``: the capsule explorer (docs/explorer.md), one
+  self-contained HTML page with the decoder's weights and --html-digits
+  test digits; a bare ``--html`` writes ``explorer.html`` into --out.
 
-The mosaics are saved pixel for pixel (one image pixel per PNG pixel, tiles
-separated by a 2 px grey border). The model needs the decoder, i.e. it must
-have been trained with ``train.py --reconstruct``.
+The model needs the decoder, i.e. it must have been trained with
+``train.py --reconstruct``.
 
-The mosaic and PNG helpers are in figures.py, the device helpers in
-devices.py.
+The figure helpers are in capsnet/figures.py, the device helpers in
+capsnet/devices.py, the explorer page in capsnet/explorer.py.
 """
 import os
 import sys
@@ -40,9 +44,13 @@ from capsnet import devices
 from capsnet import files
 import nets
 from capsnet.devices import inference_mode, to_cpu
-from capsnet.figures import BLUE, GREEN, save_image, tile, tint
+from capsnet import explorer
+from capsnet import figures
 
 MAX_STEPS = 50  # at most 2 * 50 + 1 columns in a tweak figure
+MAX_SCALE = 16  # --scale: screen pixels per image pixel
+MAX_HTML_DIGITS = 1000  # --html-digits (each adds S*S + J*D + J floats)
+HTML_NAME = 'explorer.html'
 
 
 # --------------------------------------------------------------------------
@@ -131,44 +139,99 @@ def tweaked_capsules(capsule, label, deltas, n_classes=10):
 
 
 # --------------------------------------------------------------------------
-# The three figures
+# The figures (white digits on black, figures.SCALE screen px per pixel)
 # --------------------------------------------------------------------------
 
-def reconstruction_grid(x, recon, cols=10):
-    """Inputs (N, S, S) and reconstructions (N, S, S), N a multiple of cols,
-    -> mosaic of 2 * N / cols rows: each row of inputs directly above a row
-    of their reconstructions (reconstructions tinted blue)."""
+def class_label(label, predicted, scale):
+    """'true 3, pred 5' (short 't3 p5' below scale 4, where tiles are
+    narrow)."""
+    text = 'true {}, pred {}' if scale >= 4 else 't{} p{}'
+    return text.format(int(label), int(predicted))
+
+
+def class_colors(labels, predicted):
+    """Black for a correct prediction, red for a wrong one."""
+    return [figures.WRONG_COLOR if int(t) != int(p) else 'black'
+            for t, p in zip(labels, predicted)]
+
+
+def reconstruction_figure(x, recon, labels, predicted, model_name,
+                          scale=figures.SCALE, cols=10):
+    """vis.png: inputs (N, S, S) and their reconstructions (N, S, S) from
+    the predicted class's capsule, N a multiple of cols: each row of inputs
+    (headed with the true and the predicted class, red when wrong) directly
+    above a row of their reconstructions. Returns (Figure, Layout)."""
     n = len(x)
-    rows = []
+    images, tile_labels, colors = [], [], []
     for i in range(0, n, cols):
-        rows.append(tint(x[i:i + cols], (1, 1, 1)))
-        rows.append(tint(recon[i:i + cols], BLUE))
-    return tile(numpy.concatenate(rows), 2 * ((n + cols - 1) // cols), cols)
+        part = slice(i, i + cols)
+        images += [x[part], recon[part]]
+        tile_labels += [class_label(t, p, scale) for t, p in
+                        zip(labels[part], predicted[part])] + [None] * cols
+        colors += class_colors(labels[part], predicted[part]) + \
+            ['black'] * cols
+    return figures.mosaic_figure(
+        numpy.concatenate(images), cols,
+        'Reconstructions from the predicted class\'s digit capsule\n'
+        '{}: MNIST test digits (red: misclassified)'.format(model_name),
+        scale=scale, row_labels=['input', 'reconstruction'] * (n // cols),
+        tile_labels=tile_labels, tile_colors=colors)
 
 
-def all_capsules_grid(x, recon_all):
-    """Inputs (C, S, S) (one per class) and recon_all (J, C, S, S), row j the
-    reconstructions through capsule j -> mosaic of (1 + J) x C tiles:
-    inputs on top in green, reconstructions below in blue."""
+def all_capsules_figure(x, recon_all, labels, predicted, model_name,
+                        scale=figures.SCALE):
+    """vis_all.png: inputs (C, S, S) (one per class) on top, below them
+    recon_all (J, C, S, S): row j the reconstructions through capsule j
+    alone. (1 + J) x C tiles. Returns (Figure, Layout)."""
     n_caps, n_examples = recon_all.shape[:2]
-    images = numpy.concatenate([tint(x, GREEN)[None],
-                                tint(recon_all, BLUE)]).reshape(
-        (1 + n_caps) * n_examples, *recon_all.shape[2:], 3)
-    return tile(images, 1 + n_caps, n_examples)
+    images = numpy.concatenate([x[None], recon_all]).reshape(
+        (1 + n_caps) * n_examples, *recon_all.shape[2:])
+    tile_labels = [class_label(t, p, scale)
+                   for t, p in zip(labels, predicted)]
+    colors = class_colors(labels, predicted)
+    n_rest = n_caps * n_examples
+    return figures.mosaic_figure(
+        images, n_examples,
+        'One test digit per class (columns) reconstructed from each digit '
+        'capsule alone (rows)\n{}'.format(model_name), scale=scale,
+        row_labels=['input'] + ['capsule {}'.format(j)
+                                for j in range(n_caps)],
+        row_title='decoder input: the capsule of class',
+        tile_labels=tile_labels + [None] * n_rest,
+        tile_colors=colors + ['black'] * n_rest)
 
 
-def tweak_grid(images, n_rows, n_cols, centre):
-    """Reconstructions (n_rows * n_cols, S, S), row = capsule dimension,
-    column = perturbation -> mosaic with column ``centre`` (no perturbation)
-    framed in red."""
-    return tile(images, n_rows, n_cols,
-                frames=[(r, centre) for r in range(n_rows)])
+def tweak_labels(deltas):
+    """Column labels of a tweak figure: '-0.25' ... '0' ... '+0.25'."""
+    return ['0' if d == 0 else '{:+.3g}'.format(d) for d in deltas]
+
+
+def tweak_figure(images, deltas, label, predicted, index, model_name,
+                 scale=figures.SCALE):
+    """vis_tweaked<c>.png (the paper's Figure 4): reconstructions
+    (D * len(deltas), S, S), row d = capsule dimension d, column k = that
+    dimension moved by deltas[k]; the unperturbed column framed in red.
+    Returns (Figure, Layout)."""
+    n_cols = len(deltas)
+    n_rows = len(images) // n_cols
+    centre = int(numpy.argmin(numpy.abs(deltas)))
+    return figures.mosaic_figure(
+        images, n_cols,
+        'Digit capsule of class {} (test digit {}, true {}, predicted {}),'
+        ' one dimension perturbed per row\n{}; red frame: unperturbed'
+        .format(label, index, label, predicted, model_name), scale=scale,
+        row_labels=['dim {}'.format(d) for d in range(n_rows)],
+        row_title='capsule dimension',
+        col_labels=tweak_labels(deltas),
+        col_title='value added to the dimension',
+        frames=[(r, centre) for r in range(n_rows)])
 
 
 def build_parser():
     parser = cli.ArgumentParser(
         description="Draw a CapsNet's reconstructions (vis.png, "
-                    'vis_all.png, vis_tweaked0-9.png)')
+                    'vis_all.png, vis_tweaked0-9.png) and, with --html, '
+                    'the capsule explorer page')
     add = parser.add_argument
     add('--load', required=True,
         help='model file written by train.py --save (with --reconstruct)')
@@ -178,11 +241,51 @@ def build_parser():
     add('--data-dir', default=None,
         help='read the four *-ubyte.gz files from here (no download)')
     add('--range', type=cli.non_negative_float, default=0.25, dest='range_',
+        metavar='RANGE',
         help='perturb each capsule dimension by -RANGE ... +RANGE')
     add('--step', type=cli.positive_float, default=0.05,
         help='perturbation step')
+    add('--scale', type=cli.int_in(1, MAX_SCALE), default=figures.SCALE,
+        help='screen pixels per image pixel in the figures')
+    add('--html', nargs='?', const=HTML_NAME, default=None, metavar='FILE',
+        help='also write the capsule explorer, one self-contained HTML '
+             'page (docs/explorer.md); a bare --html writes {} into --out'
+             .format(HTML_NAME))
+    add('--html-digits', type=cli.int_in(1, MAX_HTML_DIGITS), default=20,
+        metavar='N', help='test digits in the explorer page (the first '
+                          'ones of each class in turn)')
     cli.add_device_arguments(parser)
     return parser
+
+
+def describe_model(path, model):
+    """'loaded model.npz: capsnet (reconstruct=True, routing=3, ...)'."""
+    return 'loaded {}: {} ({})'.format(path, model.arch, ', '.join(
+        '{}={}'.format(k, val) for k, val in sorted(model.options.items())))
+
+
+def html_path(args):
+    """Where --html writes: a bare --html (or a bare name) goes into --out."""
+    if args.html == HTML_NAME or os.path.dirname(args.html) == '':
+        return os.path.join(args.out, args.html)
+    return args.html
+
+
+def explorer_digits(labels, n, n_classes):
+    """Test indices (n,) for the explorer: the first examples of class 0,
+    1, ..., 9, then the second ones, ... (every class shown)."""
+    per_class = -(-n // n_classes)
+    return pick_examples(labels, per_class, n_classes).T.reshape(-1)[:n]
+
+
+def write_html(path, model, x, labels, device, title):
+    """The capsule explorer for images x (N, 1, S, S) and their labels."""
+    v = digit_capsules(model, x, device)
+    lengths = numpy.sqrt((v * v).sum(axis=2))
+    layers = [(to_cpu(W.array), to_cpu(b.array))
+              for W, b in model.decoder.layers()]
+    explorer.write_explorer(path, layers, x[:, 0], v, labels,
+                            lengths.argmax(axis=1), lengths, title=title)
 
 
 def main(argv=None):
@@ -194,10 +297,14 @@ def main(argv=None):
                      'columns), got {:g}'.format(
                          MAX_STEPS, 2 * MAX_STEPS + 1, ratio))
 
-    model = files.load_model_or_fail(args.load, nets.ARCHITECTURES, need_decoder=True,
-                                       purpose='visualize.py')
+    model = files.load_model_or_fail(args.load, nets.ARCHITECTURES,
+                                     need_decoder=True,
+                                     purpose='visualize.py')
     device = devices.select_device(args)
     cli.check_writable(args.out)
+    if args.html:
+        cli.check_writable(os.path.dirname(os.path.abspath(html_path(args))),
+                           '--html file')
     try:
         _, _, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir,
@@ -207,30 +314,35 @@ def main(argv=None):
     x_all, t_all = mnist.to_arrays(test)
     try:
         picked = pick_examples(t_all, per_class=2, n_classes=model.n_classes)
+        shown = explorer_digits(t_all, args.html_digits, model.n_classes) \
+            if args.html else None
     except ValueError as e:
         cli.fail(e)
     model.to_device(device)
     side = model.input_size
+    name = os.path.basename(args.load)
+    scale = args.scale
 
     # vis.png: the 20 inputs above their reconstructions (predicted class)
     order = picked.T.reshape(-1)  # first examples of 0-9, then second ones
     x = x_all[order]
+    labels = t_all[order].astype(numpy.int64)
     v = digit_capsules(model, x, device)
     lengths = numpy.sqrt((v * v).sum(axis=2))
     predicted = lengths.argmax(axis=1)
     recon = reconstruct(model, v, predicted, device)
     written = []
 
-    def save(name, image):
-        path = os.path.join(args.out, name)
+    def save(path, figure):
         try:
-            save_image(path, image)
+            figures.save_figure(path, figure)
         except OSError as e:
             cli.fail('cannot write {} ({}); choose another --out'.format(
                 path, e.strerror or e))
         written.append(path)
 
-    save('vis.png', reconstruction_grid(x[:, 0], recon))
+    save(os.path.join(args.out, 'vis.png'), reconstruction_figure(
+        x[:, 0], recon, labels, predicted, name, scale)[0])
 
     # vis_all.png: one example per class through every capsule
     n_classes = v.shape[1]
@@ -238,31 +350,41 @@ def main(argv=None):
     recon_all = numpy.stack([
         reconstruct(model, v_first, numpy.full(n_classes, j), device)
         for j in range(n_classes)])
-    save('vis_all.png', all_capsules_grid(first, recon_all))
+    save(os.path.join(args.out, 'vis_all.png'), all_capsules_figure(
+        first, recon_all, labels[:n_classes], predicted[:n_classes], name,
+        scale)[0])
 
     # vis_tweaked<c>.png: the true class's capsule, one dimension per row
     deltas = tweak_deltas(args.range_, args.step)
-    centre = len(deltas) // 2
-    dim = v.shape[2]
     for c in range(n_classes):
-        label = int(t_all[order[c]])
+        label = int(labels[c])
         masked = tweaked_capsules(v_first[c, label], label, deltas,
                                   n_classes)
         images = decode(model, masked, device)
-        save('vis_tweaked{}.png'.format(c),
-             tweak_grid(images, dim, len(deltas), centre))
+        save(os.path.join(args.out, 'vis_tweaked{}.png'.format(c)),
+             tweak_figure(images, deltas, label, int(predicted[c]),
+                          int(order[c]), name, scale)[0])
 
-    print('model {} ({}), {} test set'.format(
-        args.load, ', '.join('{}={}'.format(k, val) for k, val in
-                             sorted(model.options.items())), args.dataset))
+    if args.html:
+        path = html_path(args)
+        try:
+            write_html(path, model, x_all[shown], t_all[shown], device,
+                       'CapsNet capsule explorer: {}'.format(name))
+        except OSError as e:
+            cli.fail('cannot write {} ({}); choose another --html file'
+                     .format(path, e.strerror or e))
+        written.append(path)
+
+    print('{}; {} test set'.format(describe_model(args.load, model),
+                                   args.dataset))
     print('examples (test indices) {}'.format(' '.join(
         str(i) for i in order)))
-    print('labels     {}'.format(' '.join(str(int(t)) for t in
-                                           t_all[order])))
+    print('labels     {}'.format(' '.join(str(int(t)) for t in labels)))
     print('predicted  {}'.format(' '.join(str(int(p)) for p in predicted)))
     print('tweaks: {} columns, {:+.3g} ... {:+.3g} (step {:g}); {}x{} '
-          'pixel tiles'.format(len(deltas), deltas[0], deltas[-1],
-                               args.step, side, side))
+          'pixel digits drawn at {}x'.format(
+              len(deltas), deltas[0], deltas[-1], args.step, side, side,
+              scale))
     for path in written:
         print('wrote {}'.format(path))
     return 0

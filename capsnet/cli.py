@@ -25,8 +25,29 @@ def fail(message, status=1):
     raise CapsNetError(message, status)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with each option's default: ``(default: 0.25)`` after its
+    text, as argparse.ArgumentDefaultsHelpFormatter, but not for options
+    whose default says nothing (None, False, True, the empty string or
+    list), nor where the text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        default = action.default
+        if default is argparse.SUPPRESS or default is None or \
+                isinstance(default, bool) or default in ('', [], ()) or \
+                'default' in text.lower() or not action.option_strings:
+            return text
+        return text + ' (default: %(default)s)'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line ``error: ...`` (status 2)."""
+    """argparse whose usage errors are one line ``error: ...`` (status 2)
+    and whose --help shows the defaults (``HelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail('{}; see {} --help'.format(message, self.prog), 2)
@@ -104,8 +125,8 @@ def _gpu_id(text):
 def add_device_arguments(parser, default='@numpy'):
     parser.add_argument(
         '--device', '-d', default=default,
-        help='Chainer device specifier: @numpy (the CPU, the default), '
-             '@cupy:N (GPU N), or an integer (N >= 0: GPU N, negative: CPU)')
+        help='Chainer device specifier: @numpy (the CPU), @cupy:N (GPU N), '
+             'or an integer (N >= 0: GPU N, negative: the CPU)')
     parser.add_argument(
         '--gpu', '-g', dest='device', type=_gpu_id, metavar='N',
         help='GPU N, the same as --device @cupy:N (negative: the CPU)')
@@ -113,17 +134,17 @@ def add_device_arguments(parser, default='@numpy'):
 
 def add_gpu_fast_path_arguments(parser):
     """--gpu-kernels and --gpu-convolutions: the fast path's optional GPU
-    pieces (routing.GPU_KERNELS, convolution.GPU_CONVOLUTIONS)."""
+    pieces (capsnet.kernels.KernelOptions: gpu_kernels, gpu_convolutions)."""
     parser.add_argument(
         '--gpu-kernels', action='store_true',
         help="on the GPU, squash, the routing's softmax and its "
              "contractions with u_hat through fast_ops' CuPy kernels "
-             "(routing.GPU_KERNELS; off by default until timed on a GPU; "
+             "(KernelOptions.gpu_kernels; off by default until timed on a GPU; "
              "no effect on the CPU)")
     parser.add_argument(
         '--gpu-convolutions', action='store_true',
         help="on the GPU, the convolutions through fast_ops' NCHW node "
-             "instead of Chainer's (convolution.GPU_CONVOLUTIONS; off by "
+             "instead of Chainer's (KernelOptions.gpu_convolutions; off by "
              "default until timed on a GPU; no effect on the CPU)")
 
 
@@ -132,6 +153,20 @@ def device_spec(spec):
     if spec is not None and re.fullmatch(r'\s*-?\d+\s*', str(spec)):
         return _gpu_id(spec)
     return spec
+
+
+# --------------------------------------------------------------------------
+# Terminals
+# --------------------------------------------------------------------------
+
+def interactive(stream=None):
+    """True when ``stream`` (default sys.stdout) is a terminal: progress
+    bars and terminal control codes only then, plain lines otherwise."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------
@@ -247,6 +282,8 @@ def run_main(main, argv=None, interrupted='interrupted'):
     try:
         return main(argv)
     except CapsNetError as e:
+        if getattr(e, 'quiet', False):  # another MPI rank said it
+            return e.status
         return _error(str(e), e.status)
     except KeyboardInterrupt:
         return _interrupted(interrupted, 128 + signal.SIGINT)

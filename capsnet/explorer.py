@@ -20,7 +20,7 @@ round(255 x) per image pixel, white digit on black).
 ``decode`` computes in NumPy (float64) what the page computes (JavaScript
 numbers are float64 too), for the tests.
 
-Standard library and NumPy only.
+Standard library and NumPy, plus ``capsnet.files`` for the atomic write.
 """
 import base64
 import html
@@ -28,6 +28,8 @@ import json
 import os
 
 import numpy
+
+from capsnet import files
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         'explorer_template.html')
@@ -210,22 +212,6 @@ def render(data, title=DEFAULT_TITLE):
             .replace('{{DATA}}', _script_json(data)))
 
 
-def _write_atomically(path, text):
-    """Write to .capsnet-<name>.tmp in the same folder, then os.replace."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, '.capsnet-{}.tmp'.format(name))
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_explorer(path, decoder_layers, images, capsules, labels,
                    predictions, lengths, title=DEFAULT_TITLE):
     """Write the capsule explorer, one self-contained HTML file, to path.
@@ -235,9 +221,11 @@ def write_explorer(path, decoder_layers, images, capsules, labels,
     images: (N, S, S) in [0, 1]; capsules: (N, J, D) the digit capsules
     v_j (J = 10, D = 16); labels, predictions: (N,) classes; lengths:
     (N, J) the capsule lengths ||v_j||; title: the page's title.
-    Raises ValueError for shapes that do not fit together. Returns path.
+    The page is written atomically (``files.write_text``: a temporary file
+    beside it, then a rename). Raises ValueError for shapes that do not fit
+    together, cli.DiskFullError for a disk without room. Returns path.
     """
     data = page_data(decoder_layers, images, capsules, labels, predictions,
                      lengths)
-    _write_atomically(path, render(data, title))
+    files.write_text(path, render(data, title))
     return path

@@ -7,8 +7,9 @@ path): Conv1 (ReLU or leaky ReLU) -> PrimaryCaps (conv, regroup, squash) ->
 prediction vectors -> r routing iterations, unrolled -> lengths [-> mask by
 the longest capsule -> decoder].
 
-This module imports no top-level file of the project (no ``nets``, no
-``compat``) and not Chainer: the model is duck-typed (``options``,
+This module imports no top-level file of the project (no ``nets``) and
+no Chainer of its own (only ``capsnet.files`` for the atomic write, which
+applies ``compat`` first): the model is duck-typed (``options``,
 ``conv1``, ``primary``, ``digit_weights()``, ``routing``, ``grid``,
 ``input_size``, ``n_classes``, ``decoder.fc1/fc2/fc3``), and GPU arrays are
 copied to the host through their ``get()``.
@@ -16,6 +17,8 @@ copied to the host through their ``get()``.
 import os
 
 import numpy
+
+from capsnet import files
 
 EPSILON = 1e-7  # nets.EPSILON: inside the roots of squash and the lengths
 MIN_OPSET = 13  # ReduceSum / Unsqueeze take their axes as an input from 13
@@ -308,8 +311,8 @@ def export_onnx(model, path, decoder=True, opset=17):
     Args:
         model: a ``nets.CapsNet`` or ``nets.TwoDigitCapsNet`` (duck-typed);
             anything without routing (the baseline CNNs) raises ValueError.
-        path: the .onnx file, written atomically (``.capsnet-<name>.tmp``
-            in the same folder, then renamed).
+        path: the .onnx file, written atomically (``files.atomic_write``:
+            a temporary file in the same folder, then a rename).
         decoder: add the ``reconstruction`` output when the model has a
             decoder (single-digit models only; a model without one, or a
             TwoDigitCapsNet, exports lengths and v only).
@@ -323,15 +326,6 @@ def export_onnx(model, path, decoder=True, opset=17):
     onnx = _onnx()
     proto = build_onnx(model, decoder=decoder, opset=opset)
     onnx.checker.check_model(proto, full_check=True)
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, '.capsnet-{}.tmp'.format(name))
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    data = proto.SerializeToString()
+    files.atomic_write(os.fspath(path), lambda f: f.write(data))
     return proto

@@ -14,6 +14,7 @@ import chainer
 
 from capsnet import figures
 from capsnet import files
+from capsnet.data import mnist
 import nets
 import visualize
 from conftest import one_error_line, tile_shape
@@ -71,18 +72,49 @@ def test_tint_colours_white_and_keeps_black():
     numpy.testing.assert_allclose(tinted[0, 0, 1], figures.GREEN)
 
 
-def test_grid_builders_have_the_figures_layout():
-    side = 28
+def texts(figure):
+    return figures.figure_texts(figure)
+
+
+def test_figure_builders_have_the_layout_and_the_labels():
+    side, scale = 28, figures.SCALE
+    big, border = side * scale, figures.border_px(scale)
     x = numpy.zeros((10, side, side), numpy.float32)
+    labels = numpy.arange(10)
+    predicted = numpy.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 0])
     recon_all = numpy.zeros((10, 10, side, side), numpy.float32)
-    assert visualize.all_capsules_grid(x, recon_all).shape[:2] == \
-        tile_shape(11, 10, side)
-    assert visualize.reconstruction_grid(
-        numpy.zeros((20, side, side)), numpy.zeros((20, side, side))
-    ).shape[:2] == tile_shape(4, 10, side)
-    assert visualize.tweak_grid(numpy.zeros((16 * 11, side, side)), 16, 11,
-                                5).shape[:2] == tile_shape(
-        16, 11, side)
+    figure, layout = visualize.all_capsules_figure(
+        x, recon_all, labels, predicted, 'm.npz')
+    assert layout.mosaic[2:] == (tile_shape(11, 10, big, border)[0]
+                                 + layout.label_h, tile_shape(
+                                     11, 10, big, border)[1])
+    drawn = texts(figure)
+    assert 'input' in drawn and 'capsule 9' in drawn
+    assert 'true 9, pred 0' in drawn and 'true 3, pred 3' in drawn
+    assert any('m.npz' in t for t in drawn)
+    wrong = [t for t in figure.texts if t.get_text() == 'true 9, pred 0']
+    assert wrong[0].get_color() == figures.WRONG_COLOR
+
+    x20 = numpy.zeros((20, side, side))
+    figure, layout = visualize.reconstruction_figure(
+        x20, x20, numpy.tile(labels, 2), numpy.tile(predicted, 2), 'm.npz')
+    assert (layout.rows, layout.cols) == (4, 10)
+    assert layout.mosaic[3] == tile_shape(4, 10, big, border)[1]
+    assert texts(figure).count('reconstruction') == 2
+    assert texts(figure).count('true 9, pred 0') == 2
+
+    deltas = visualize.tweak_deltas(0.25, 0.05)
+    figure, layout = visualize.tweak_figure(
+        numpy.zeros((16 * 11, side, side)), deltas, 3, 5, 18, 'm.npz')
+    assert layout.mosaic[2:] == tile_shape(16, 11, big, border)
+    drawn = texts(figure)
+    assert visualize.tweak_labels(deltas) == [
+        '-0.25', '-0.2', '-0.15', '-0.1', '-0.05', '0', '+0.05', '+0.1',
+        '+0.15', '+0.2', '+0.25']
+    for label in visualize.tweak_labels(deltas) + ['dim 0', 'dim 15']:
+        assert label in drawn
+    assert any('class 3' in t and 'predicted 5' in t for t in drawn)
+    assert visualize.class_label(3, 5, 1) == 't3 p5'
 
 
 def test_tweak_deltas_and_tweaked_capsules():
@@ -136,23 +168,71 @@ def test_main_writes_every_figure_with_the_grid_sizes(
     names = ['vis.png', 'vis_all.png'] + [
         'vis_tweaked{}.png'.format(c) for c in range(10)]
     assert sorted(os.listdir(out)) == sorted(names)  # no temp files left
-    assert read_png(out / 'vis.png').shape[:2] == tile_shape(
-        4, 10, 28)
+    scale = figures.SCALE
+    big, border = 28 * scale, figures.border_px(scale)
+    # the same figures, drawn here from the same inputs: same layout
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=mnist_dir)
+    x_all, t_all = mnist.to_arrays(test)
+    order = visualize.pick_examples(t_all).T.reshape(-1)
+    labels = t_all[order]
+    predicted = [int(p) for p in stdout.split('predicted')[1].split(
+        '\n')[0].split()]
+    assert len(predicted) == 20
+    zeros = numpy.zeros((20, 28, 28))
+    _, layout = visualize.reconstruction_figure(
+        zeros, zeros, labels, predicted, os.path.basename(fresh_model_path))
+    vis = read_png(out / 'vis.png')
+    assert vis.shape[:2] == (layout.height, layout.width)
+    assert layout.mosaic[3] == tile_shape(4, 10, big, border)[1]
+    # rows 0 and 2: the inputs, white on black, scale x scale per pixel
+    for k in range(20):
+        row = 2 * (k // 10)
+        t, left, bottom, right = layout.tile_box(row, k % 10)
+        expected = numpy.round(255 * figures.upscale(
+            x_all[order[k]][None, 0], scale)[0])
+        numpy.testing.assert_array_equal(vis[t:bottom, left:right, 1],
+                                         expected)
+    _, layout = visualize.all_capsules_figure(
+        zeros[:10], numpy.zeros((10, 10, 28, 28)), labels[:10],
+        predicted[:10], os.path.basename(fresh_model_path))
     vis_all = read_png(out / 'vis_all.png')
-    assert vis_all.shape[:2] == tile_shape(11, 10, 28)
+    assert vis_all.shape[:2] == (layout.height, layout.width)
+    t, left, bottom, right = layout.tile_box(0, 0)
+    top = vis_all[t:bottom, left:right].astype(int)
+    assert top.max() > 200 and top.min() == 0   # white digit on black
+    assert (top[..., 0] == top[..., 1]).all() and \
+        (top[..., 1] == top[..., 2]).all()      # gray, no tint
+    deltas = visualize.tweak_deltas(0.25, 0.05)
+    _, layout = visualize.tweak_figure(
+        numpy.zeros((16 * 11, 28, 28)), deltas, 0, 0, 0,
+        os.path.basename(fresh_model_path))
+    assert layout.mosaic[2:] == tile_shape(16, 11, big, border)
     for c in range(10):
         tweaked = read_png(out / 'vis_tweaked{}.png'.format(c))
-        assert tweaked.shape[:2] == tile_shape(16, 11, 28)
-    # vis_all's top row: the inputs, green (no red or blue in the digits)
-    top = vis_all[B:B + 28, B:B + 28].astype(int)
-    assert top[..., 1].max() > 200
-    assert (top[..., 1] >= top[..., 0]).all() and \
-        (top[..., 1] >= top[..., 2]).all()
+        assert tweaked.shape[:2] == (layout.height, layout.width)
     # the unperturbed column (5 of 11) is framed in red
-    left = B + 5 * (28 + B)
-    frame = tweaked[B:B + 28, left - B:left]
+    t, left, bottom, right = layout.tile_box(0, 5)
+    frame = tweaked[t:bottom, left - border:left]
     assert (frame == [255, 0, 0]).all()
     assert 'wrote' in stdout and 'predicted' in stdout
+    assert 'model model' not in stdout and 'loaded {}: capsnet ('.format(
+        fresh_model_path) in stdout
+
+
+def test_scale_sets_the_size_of_the_digits(
+        tmp_path, mnist_dir, fresh_model_path, run_tool):
+    out = tmp_path / 'vis'
+    status, _, err = run_tool(visualize.main, [
+        '--load', fresh_model_path, '--out', out, '--data-dir', mnist_dir,
+        '--scale', '1', '--range', '0', '--step', '0.05'])
+    assert status == 0, err
+    deltas = visualize.tweak_deltas(0, 0.05)
+    _, layout = visualize.tweak_figure(
+        numpy.zeros((16, 28, 28)), deltas, 0, 0, 0,
+        os.path.basename(fresh_model_path), scale=1)
+    assert layout.mosaic[2:] == tile_shape(16, 1, 28)
+    assert read_png(out / 'vis_tweaked0.png').shape[:2] == (
+        layout.height, layout.width)
 
 
 def test_range_and_step_set_the_number_of_columns(
@@ -162,8 +242,12 @@ def test_range_and_step_set_the_number_of_columns(
         '--load', fresh_model_path, '--out', out, '--data-dir', mnist_dir,
         '--range', '0.1', '--step', '0.05'])
     assert status == 0, err
-    assert read_png(out / 'vis_tweaked0.png').shape[:2] == \
-        tile_shape(16, 5, 28)
+    _, layout = visualize.tweak_figure(
+        numpy.zeros((16 * 5, 28, 28)), visualize.tweak_deltas(0.1, 0.05), 0,
+        0, 0, os.path.basename(fresh_model_path))
+    assert layout.cols == 5
+    assert read_png(out / 'vis_tweaked0.png').shape[:2] == (
+        layout.height, layout.width)
 
 
 def test_model_without_decoder_is_one_clear_line(
@@ -203,6 +287,8 @@ def test_unwritable_output_is_one_line(tmp_path, fresh_model_path,
     (['--range', '1e308', '--step', '1e-308'],
      '--range / --step must be at most 50'),
     (['--step', 'nan'], "--step: must be a number > 0, got 'nan'"),
+    (['--scale', '0'], "--scale: must be an integer from 1 to 16, got '0'"),
+    (['--html-digits', '0'], '--html-digits: must be an integer from 1'),
     (['--dataset', 'cifar'], "--dataset: invalid choice: 'cifar'")])
 def test_bad_options_are_usage_errors(tmp_path, fresh_model_path, run_tool,
                                       flags, fragment):
@@ -210,3 +296,47 @@ def test_bad_options_are_usage_errors(tmp_path, fresh_model_path, run_tool,
         '--load', fresh_model_path, '--out', tmp_path / 'vis'] + flags)
     assert status == 2
     assert fragment in one_error_line(err)
+
+
+def test_html_writes_the_explorer_with_the_models_decoder(
+        tmp_path, mnist_dir, fresh_model_path, run_tool):
+    from test_explorer import embedded
+    out = tmp_path / 'vis'
+    status, stdout, err = run_tool(visualize.main, [
+        '--load', fresh_model_path, '--out', out, '--data-dir', mnist_dir,
+        '--html', '--html-digits', '12', '--range', '0'])
+    assert status == 0, err
+    page = out / 'explorer.html'
+    assert 'wrote {}'.format(page) in stdout
+    data, layers, arrays = embedded(page.read_text(encoding='utf-8'))
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
+    for (W, b), (got_W, got_b) in zip(model.decoder.layers(), layers):
+        numpy.testing.assert_array_equal(got_W, W.array)
+        numpy.testing.assert_array_equal(got_b, b.array)
+    assert data['N'] == 12
+    # the first test digits of class 0 ... 9, then the second of 0 and 1
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=mnist_dir)
+    x_all, t_all = mnist.to_arrays(test)
+    shown = visualize.explorer_digits(t_all, 12, 10)
+    assert data['labels'] == [int(t) for t in t_all[shown]]
+    assert data['labels'][:10] == list(range(10))
+    numpy.testing.assert_array_equal(arrays['images'], x_all[shown, 0])
+    device = chainer.get_device('@numpy')
+    v = visualize.digit_capsules(model, x_all[shown], device)
+    numpy.testing.assert_allclose(arrays['capsules'], v, rtol=1e-5,
+                                  atol=1e-6)
+    lengths = numpy.sqrt((v * v).sum(axis=2))
+    numpy.testing.assert_allclose(arrays['lengths'], lengths, rtol=1e-5,
+                                  atol=1e-6)
+    assert data['predictions'] == lengths.argmax(axis=1).tolist()
+
+
+def test_html_file_may_be_named_anywhere(tmp_path, mnist_dir,
+                                         fresh_model_path, run_tool):
+    page = tmp_path / 'pages' / 'mine.html'
+    status, _, err = run_tool(visualize.main, [
+        '--load', fresh_model_path, '--out', tmp_path / 'vis',
+        '--data-dir', mnist_dir, '--html', page, '--html-digits', '1',
+        '--range', '0'])
+    assert status == 0, err
+    assert page.exists() and not (tmp_path / 'vis' / 'explorer.html').exists()
