@@ -30,19 +30,18 @@ errors and unusable models.
 import json
 import os
 import sys
-import warnings
 
 from capsnet import cli
-from capsnet.errors import CapsNetError
 if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
 import numpy
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from capsnet import devices
 from capsnet import figures
 from capsnet import files
+from capsnet.images import ImageError, read_gray
 import nets
 from capsnet.cli import fail
 
@@ -54,10 +53,6 @@ NOISE_SPREADS = 8  # background noise floor, see preprocess
 USAGE = 2  # exit status for usage errors and unusable models
 
 
-class ImageError(CapsNetError):
-    """An input that cannot be classified; str() is the one-line reason."""
-
-
 # --------------------------------------------------------------------------
 # Reading and MNIST-style preprocessing
 # --------------------------------------------------------------------------
@@ -65,78 +60,6 @@ class ImageError(CapsNetError):
 def _describe(e):
     text = ' '.join(str(e).split())
     return text or type(e).__name__
-
-
-def read_gray(path):
-    """Read an image file as (H, W) float64 gray levels in [0, 1].
-
-    Colour is converted to luminance (ITU-R 601, as PIL's 'L'); 16-bit and
-    float images keep their range. Transparent pixels are composited onto
-    the background that contrasts with the drawn (opaque) pixels, so both
-    dark strokes and light strokes on a transparent canvas survive. Only the
-    first frame of an animation is used.
-
-    Raises:
-        ImageError: missing, a folder, empty, unreadable, not an image,
-            truncated.
-    """
-    if not os.path.exists(path):
-        raise ImageError('no such file')
-    if os.path.isdir(path):
-        raise ImageError('is a folder with no image files')
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError('file is empty')
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return _to_gray(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError('not an image file (PIL cannot identify it)')
-    except (Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise ImageError('image is too large ({})'.format(_describe(e)))
-    except OSError as e:
-        raise ImageError('cannot read the image ({}); the file may be '
-                         'truncated or corrupt'.format(
-                             e.strerror or _describe(e)))
-    except (ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise ImageError('cannot decode the image ({}: {})'.format(
-            type(e).__name__, _describe(e)))
-
-
-def _to_gray(image):
-    """PIL image -> (H, W) float64 in [0, 1], alpha composited."""
-    alpha = None
-    if image.mode in ('I', 'F') or image.mode.startswith('I;'):
-        gray = numpy.asarray(image, dtype=numpy.float64)
-        if image.mode == 'F' and gray.size and numpy.nanmax(gray) <= 1:
-            scale = 1.0
-        else:
-            scale = 65535.0 if gray.size and numpy.nanmax(gray) > 255 \
-                else 255.0
-        gray = numpy.nan_to_num(gray) / scale
-    else:
-        if image.mode == 'P' or image.mode == 'PA' or image.mode == '1':
-            image = image.convert('RGBA')
-        has_alpha = image.mode in ('RGBA', 'LA', 'La', 'RGBa')
-        if has_alpha:
-            alpha = numpy.asarray(image.getchannel('A'),
-                                  dtype=numpy.float64) / 255
-        gray = numpy.asarray(image.convert('L'), dtype=numpy.float64) / 255
-    gray = numpy.clip(gray, 0, 1)
-    if gray.ndim != 2 or gray.size == 0:
-        raise ImageError('image has no pixels (size {})'.format(
-            'x'.join(str(s) for s in gray.shape)))
-    if alpha is not None and (alpha < 1).any():
-        weight = alpha.sum()
-        ink = (alpha * gray).sum() / weight if weight > 0 else 0.0
-        background = 1.0 if ink < 0.5 else 0.0
-        gray = alpha * gray + (1 - alpha) * background
-    return gray
 
 
 def border_pixels(gray):
