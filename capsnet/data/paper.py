@@ -10,7 +10,11 @@
   keeps both labels and both shifted single-digit images (the targets of
   the reconstruction loss).
   ``multimnist(...)`` is deterministic from its seed; ``cached_multimnist``
-  keeps it in a .npz whose settings and checksum are checked on every load.
+  keeps it in a .npz whose settings and checksum are checked on every load
+  (small sets). ``MultiMNIST`` (a chainer dataset) makes pair i on the fly
+  from (seed, split, i) alone, in constant memory: the paper's 60M pairs.
+  ``bounding_box_overlap`` measures the paper's "80% overlap" (20 x 20
+  boxes); ``mean_overlap`` is the generator's average for a shift range.
 - Expanded MNIST (Section 5.2): each digit placed at a random position on a
   40 x 40 black canvas (``expanded_mnist``).
 - affNIST: the real test set is read from its .mat files when the user has
@@ -28,6 +32,9 @@ import os
 import zipfile
 
 import numpy
+
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
+import chainer
 
 from capsnet import cli
 from capsnet.data import mnist
@@ -212,6 +219,256 @@ def cached_multimnist(path, images, labels, settings, write=None):
 
 
 # --------------------------------------------------------------------------
+# MultiMNIST at the paper's scale: pairs made on the fly
+# --------------------------------------------------------------------------
+#
+# Section 6: "For each digit in the MNIST dataset we generate 1K MultiMNIST
+# examples. So the training set size is 60M and the test set size is 10M."
+# 60M pairs of 3 x 36 x 36 bytes do not fit in memory, so MultiMNIST below
+# makes pair i from (seed, split, i) alone, with a counter-based generator:
+# draw j of pair i is SplitMix64's output for the counter i * 5 + j of a
+# stream keyed by (seed, split). Any pair can be made in any order, on any
+# process, without state; the iterator's order is the only state of a run.
+
+DIGIT_BOX = 20   # Section 6: "a digit in a 28x28 image is bounded in a 20x20 box"
+_DRAWS = 5       # per pair: the partner, dy1, dx1, dy2, dx2
+_GOLDEN = numpy.uint64(0x9E3779B97F4A7C15)
+_MIX1 = numpy.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = numpy.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z):
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> numpy.uint64(30))) * _MIX1
+    z = (z ^ (z >> numpy.uint64(27))) * _MIX2
+    return z ^ (z >> numpy.uint64(31))
+
+
+def stream_key(seed, split):
+    """The uint64 key of the stream of (seed, split): (1,) array."""
+    z = _mix64(numpy.array([seed], numpy.uint64) * _GOLDEN
+               + numpy.uint64(_SPLIT_SEED[split] + 1))
+    return _mix64(z + _GOLDEN)
+
+
+def counter_ints(key, counters, n):
+    """Integers uniform on 0 ... n - 1 for each counter, from the key alone.
+
+    Args:
+        key: (1,) uint64 (stream_key); counters: (...) uint64; n: int or
+            array broadcasting with counters, each 1 <= n < 2**32.
+    Returns:
+        int64 array of counters' shape: the top 32 bits of SplitMix64's
+        output for (key + counter * golden), times n, >> 32 (bias below
+        n / 2**32).
+    """
+    r = _mix64(key + counters * _GOLDEN) >> numpy.uint64(32)
+    return ((r * numpy.asarray(n, numpy.uint64)) >> numpy.uint64(32)) \
+        .astype(numpy.int64)
+
+
+def bounding_box_overlap(shift1, shift2, box=DIGIT_BOX):
+    """Overlap of two digits' box x box boxes, as a fraction of one box.
+
+    Both digits are centred on the same canvas point before their shifts
+    (the generator's placement), so the boxes are offset by shift1 - shift2.
+
+    Args:
+        shift1, shift2: (..., 2) integer (dy, dx) shifts.
+    Returns:
+        float64 (...,): intersection area / box**2, in [0, 1].
+    """
+    d = numpy.abs(numpy.asarray(shift1, numpy.int64)
+                  - numpy.asarray(shift2, numpy.int64))
+    side = numpy.clip(box - d, 0, box)
+    return side[..., 0] * side[..., 1] / float(box * box)
+
+
+def expected_overlap(max_shift, box=DIGIT_BOX):
+    """The mean of bounding_box_overlap when every shift is uniform on
+    -max_shift ... max_shift (independently): (1 - E|d| / box)^2, E|d| =
+    (n^2 - 1) / (3 n) for the difference of two uniforms on n = 2 max_shift
+    + 1 values (exact while 2 max_shift <= box)."""
+    n = 2 * max_shift + 1
+    return (1 - (n * n - 1) / (3.0 * n) / box) ** 2
+
+
+def _check_int(name, value, low, why=''):
+    if (isinstance(value, bool)
+            or not isinstance(value, (int, numpy.integer)) or value < low):
+        raise DataError('{} must be an integer >= {}{}, got {!r}'.format(
+            name, low, why, value))
+
+
+class MultiMNIST(chainer.dataset.DatasetMixin):
+    """MultiMNIST pairs made on the fly: constant memory, any size.
+
+    Pair i belongs to base digit k = i // pairs_per_digit (as multimnist()):
+    its partner is uniform among the digits of the split with another
+    label, and the shifts dy1, dx1, dy2, dx2 are each uniform on -max_shift
+    ... max_shift; all five come from counter_ints(stream_key(seed, split),
+    i * 5 + j), so pair i is the same on every run, process and MPI rank, in
+    any order of access, and a run resumed mid-epoch goes on with the same
+    pairs. Pixels as multimnist(): both digits centred on the canvas, moved
+    by their shifts (whatever leaves the canvas is cut off), the uint8 sum
+    clipped at 255, then / 255. The digits' arrays are kept by reference;
+    nothing proportional to the number of pairs is ever allocated.
+
+    Args:
+        images: (N, 28, 28) uint8 digits of one split; labels: (N,) 0-9.
+        pairs_per_digit: pairs per base digit (the paper: 1000, so 60M
+            training pairs and 10M test pairs).
+        seed: int >= 0; split: 'train' or 'test' (another stream).
+        max_shift: the largest shift in pixels (4: the paper's "up to 4
+            pixels in each direction"); canvas: side of the output.
+
+    ``len()`` is N * pairs_per_digit. ``get_example(i)`` is (x, t1, t2, x1,
+    x2): float32 (1, S, S) images and int32 labels, t1 != t2.
+    ``get_examples(indices)`` makes a whole batch in one vectorised call
+    (float32 (B, 1, S, S), int32 (B,) ...), and ``dataset[indices]`` (a
+    slice, list or array) uses it, so chainer's iterators and
+    concat_examples work unchanged.
+    """
+
+    def __init__(self, images, labels, pairs_per_digit, seed, split='train',
+                 max_shift=MULTI_SHIFT, canvas=MULTI_CANVAS):
+        check_pairs_per_digit(pairs_per_digit)
+        _check_int('the MultiMNIST seed', seed, 0)
+        _check_int('the MultiMNIST shift', max_shift, 0, ' (the paper: 4)')
+        if split not in _SPLIT_SEED:
+            raise DataError("split must be 'train' or 'test', got {!r}"
+                            .format(split))
+        images = numpy.asarray(images)
+        labels = numpy.asarray(labels).reshape(-1).astype(numpy.int64)
+        if images.ndim != 3 or images.dtype != numpy.uint8 \
+                or len(images) != len(labels) or not len(images):
+            raise DataError('MultiMNIST needs (N, h, w) uint8 digits and N '
+                            'labels, got {} {} and {} labels'.format(
+                                images.dtype, images.shape, len(labels)))
+        if labels.min() < 0 or labels.max() > 9:
+            raise DataError('MultiMNIST labels must be 0-9, got {} ... {}'
+                            .format(labels.min(), labels.max()))
+        _check_int('the canvas', canvas, max(images.shape[1:]))
+        self.images, self.labels = images, labels
+        self.pairs_per_digit = int(pairs_per_digit)
+        self.seed, self.split = int(seed), split
+        self.max_shift, self.canvas = int(max_shift), int(canvas)
+        self._key = stream_key(self.seed, split)
+        # _others[c, :_count[c]]: the digits whose label is not c
+        per_class = numpy.bincount(labels, minlength=10)
+        self._count = (len(labels) - per_class).astype(numpy.uint64)
+        if (per_class == len(labels)).any():
+            raise DataError('MultiMNIST needs digits of at least two '
+                            'classes, got only class {}'.format(labels[0]))
+        self._others = numpy.zeros((10, int(self._count.max())),
+                                   numpy.int32 if len(labels) < 2 ** 31
+                                   else numpy.int64)
+        for c in range(10):
+            self._others[c, :self._count[c]] = numpy.flatnonzero(
+                labels != c)
+
+    def __len__(self):
+        return len(self.images) * self.pairs_per_digit
+
+    def settings(self):
+        """What identifies the pairs (for run files and logs)."""
+        return dict(pairs_per_digit=self.pairs_per_digit, seed=self.seed,
+                    split=self.split, max_shift=self.max_shift,
+                    canvas=self.canvas, n_digits=len(self.images))
+
+    def _indices(self, indices):
+        i = numpy.asarray(indices)
+        if i.dtype == bool or not (i.dtype.kind in 'iu' or i.size == 0):
+            raise IndexError('MultiMNIST indices must be integers, got {}'
+                             .format(i.dtype))
+        i = i.astype(numpy.int64).reshape(-1)
+        if i.size and (i.min() < 0 or i.max() >= len(self)):
+            raise IndexError('MultiMNIST index out of range 0 ... {}'
+                             .format(len(self) - 1))
+        return i
+
+    def pairs(self, indices):
+        """The draws of pairs ``indices`` (B,): dict index1, index2 (B,)
+        int64 digits of the split, shift (B, 4) int64 dy1, dx1, dy2, dx2."""
+        i = self._indices(indices)
+        counters = (i.astype(numpy.uint64) * numpy.uint64(_DRAWS))[:, None] \
+            + numpy.arange(_DRAWS, dtype=numpy.uint64)
+        base = i // self.pairs_per_digit
+        c = self.labels[base]
+        pick = counter_ints(self._key, counters[:, 0], self._count[c])
+        shift = counter_ints(self._key, counters[:, 1:],
+                             2 * self.max_shift + 1) - self.max_shift
+        return dict(index1=base, index2=self._others[c, pick].astype(
+            numpy.int64), shift=shift)
+
+    def _place(self, digits, dy, dx):
+        """(B, h, w) uint8 -> (B, S, S): centred, moved, cut at the edges
+        (place(), vectorised: drawn on a canvas with room, then cropped)."""
+        b, h, w = digits.shape
+        s = self.canvas
+        top0, left0 = (s - h) // 2, (s - w) // 2
+        room = max(0, self.max_shift - min(top0, left0, s - h - top0,
+                                           s - w - left0))
+        out = numpy.zeros((b, s + 2 * room, s + 2 * room), numpy.uint8)
+        rows = (room + top0 + dy)[:, None] + numpy.arange(h)
+        cols = (room + left0 + dx)[:, None] + numpy.arange(w)
+        out[numpy.arange(b)[:, None, None], rows[:, :, None],
+            cols[:, None, :]] = digits
+        return out[:, room:room + s, room:room + s]
+
+    def arrays(self, indices):
+        """Pairs ``indices`` as multimnist() makes them: dict x, x1, x2
+        uint8 (B, S, S); t1, t2 int32 (B,); index1, index2; shift (B, 4)
+        int8."""
+        d = self.pairs(indices)
+        s = d['shift']
+        x1 = self._place(self.images[d['index1']], s[:, 0], s[:, 1])
+        x2 = self._place(self.images[d['index2']], s[:, 2], s[:, 3])
+        x = numpy.minimum(x1.astype(numpy.int16) + x2, 255).astype(
+            numpy.uint8)
+        return dict(x=x, x1=x1, x2=x2,
+                    t1=self.labels[d['index1']].astype(numpy.int32),
+                    t2=self.labels[d['index2']].astype(numpy.int32),
+                    index1=d['index1'], index2=d['index2'],
+                    shift=s.astype(numpy.int8))
+
+    def get_examples(self, indices):
+        """A batch: (x, t1, t2, x1, x2), float32 (B, 1, S, S) images in
+        [0, 1] (x the clipped sum) and int32 (B,) labels."""
+        d = self.arrays(indices)
+        return (to_float(d['x']), d['t1'], d['t2'], to_float(d['x1']),
+                to_float(d['x2']))
+
+    def get_example(self, i):
+        x, t1, t2, x1, x2 = self.get_examples([i])
+        return x[0], t1[0], t2[0], x1[0], x2[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = numpy.arange(*index.indices(len(self)))
+        elif not isinstance(index, (list, numpy.ndarray)):
+            index = int(index)
+            return self.get_example(index + len(self) if index < 0
+                                    else index)
+        return list(zip(*self.get_examples(index)))
+
+    def overlap(self, indices):
+        """bounding_box_overlap of pairs ``indices``: float64 (B,)."""
+        s = self.pairs(indices)['shift']
+        return bounding_box_overlap(s[:, :2], s[:, 2:])
+
+
+def mean_overlap(max_shift, n_pairs=100000, seed=0):
+    """The generator's average bounding-box overlap over its first n_pairs
+    pairs at this max_shift (the shifts do not depend on the digits, so
+    ten blank digits of ten classes stand in for MNIST)."""
+    blank = numpy.zeros((10, 28, 28), numpy.uint8)
+    data = MultiMNIST(blank, numpy.arange(10), -(-n_pairs // 10), seed,
+                      max_shift=max_shift)
+    return float(data.overlap(numpy.arange(n_pairs)).mean())
+
+
+# --------------------------------------------------------------------------
 # Expanded MNIST and affNIST
 # --------------------------------------------------------------------------
 
@@ -288,11 +545,14 @@ def read_affnist(path):
 
     The file holds a struct ``affNISTdata`` with fields ``image`` (1600 x N
     uint8, one 40 x 40 image per column) and ``label_int`` (N labels 0-9).
+    Pixels stored otherwise are converted by their dtype and range
+    (affnist_pixels): float in [0, 1] scaled, float in [0, 255] rounded.
 
     Returns:
         (uint8 (N, 40, 40), int32 (N,)).
     Raises:
-        DataError: unreadable, or not of that structure.
+        DataError: unreadable, not of that structure, or pixels of another
+            dtype or range.
     """
     from scipy import io as scipy_io
 
@@ -328,11 +588,45 @@ def read_affnist(path):
                                                    image.shape[1]))
     if label.size and (label.min() < 0 or label.max() > 9):
         raise bad('labels outside 0-9')
+    pixels, why = affnist_pixels(image)
+    if pixels is None:
+        raise bad(why)
     # each column is one image, its 1600 pixels row by row (the layout the
     # usual Python readers of affNIST assume: image.T.reshape(-1, 40, 40))
-    images = image.T.reshape(-1, side, side)
-    return numpy.ascontiguousarray(images, numpy.uint8), \
-        label.astype(numpy.int32)
+    images = pixels.T.reshape(-1, side, side)
+    return numpy.ascontiguousarray(images), label.astype(numpy.int32)
+
+
+def affnist_pixels(image):
+    """affNIST pixels as uint8 0-255, by their real dtype and range.
+
+    Integers within 0-255 (the published files: uint8) are kept; floats
+    whose maximum over the file is at most 1 are taken as [0, 1] and
+    scaled by 255, floats up to 255 as [0, 255]; both rounded.
+
+    Returns:
+        (uint8 array of image's shape, None), or (None, why) for anything
+        else: another dtype, NaN or inf, or values outside those ranges.
+    """
+    image = numpy.asarray(image)
+    kind = image.dtype.kind
+    if kind not in 'iuf':
+        return None, 'pixels of dtype {}: expected uint8 0-255 or float ' \
+            'in [0, 1] or [0, 255]'.format(image.dtype)
+    if not image.size:
+        return image.astype(numpy.uint8), None
+    if kind == 'f' and not numpy.isfinite(image).all():
+        return None, 'pixels of dtype {} hold NaN or inf'.format(image.dtype)
+    low, high = image.min(), image.max()
+    if low < 0 or high > 255:
+        return None, 'pixels of dtype {} in [{:g}, {:g}]: expected uint8 ' \
+            '0-255 or float in [0, 1] or [0, 255]'.format(
+                image.dtype, float(low), float(high))
+    if kind in 'iu':
+        return image.astype(numpy.uint8), None
+    scale = 255.0 if high <= 1 else 1.0
+    return numpy.rint(image.astype(numpy.float64) * scale).astype(
+        numpy.uint8), None
 
 
 def to_float(images):
