@@ -10,9 +10,11 @@ and of the runner-up (the longest other capsule), over all test examples and
 over the misclassified ones. Writes into --out (default ``eval``):
 
 - ``confusion.png``: the 10 x 10 confusion matrix (rows true, columns
-  predicted) with the counts;
-- ``misclassified.png``: up to 100 misclassified test images (drawn dark on
-  white), each headed ``p7 t2`` (predicted 7, true 2), in test-set order;
+  predicted) with the counts, coloured by count on a log scale (colour
+  bar; empty cells white);
+- ``misclassified.png``: up to 100 misclassified test images, white on
+  black, each headed ``true 2, pred 7``, in test-set order, 10 per row,
+  each image pixel drawn as --scale x --scale screen pixels (default 4);
 - ``evaluation.json``: everything above (see ``evaluate``); ``--json`` also
   prints it as one line on stdout (and the human-readable report goes to
   stderr).
@@ -30,7 +32,10 @@ if __name__ == '__main__':  # before the slow imports: see cli.py
 
 import numpy
 
+import matplotlib
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from capsnet.data import mnist
 from capsnet import devices
@@ -110,19 +115,30 @@ def evaluate(predictions, scores, t, n_classes=10):
 
 
 def confusion_figure(confusion, title):
-    """Figure of a (J, J) count matrix, rows true, columns predicted."""
+    """Figure of a (J, J) count matrix, rows true, columns predicted; the
+    colour is the count on a log scale (so that a handful of errors shows
+    beside a diagonal of a thousand), empty cells white, with a colour bar;
+    every cell also holds its count."""
     confusion = numpy.asarray(confusion)
     n_classes = len(confusion)
-    figure = Figure(figsize=(6.4, 5.6))
+    figure = Figure(figsize=(6.4, 5.6), dpi=figures.DPI)
     ax = figure.add_subplot(1, 1, 1)
-    image = ax.imshow(confusion, cmap='Blues', interpolation='nearest')
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    threshold = confusion.max() / 2 if confusion.size else 0
+    shown = numpy.ma.masked_less(confusion.astype(numpy.float64), 1)
+    norm = LogNorm(vmin=1, vmax=max(2, int(confusion.max()))) \
+        if confusion.size else None
+    cmap = matplotlib.colormaps['viridis'].with_extremes(bad='white')
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation='nearest')
+    bar = figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label('test examples (log scale; white: none)')
+    bar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    bar.formatter = FuncFormatter(lambda value, _: '{:g}'.format(value))
+    bar.update_ticks()
     for i in range(n_classes):
         for j in range(n_classes):
-            ax.text(j, i, str(confusion[i, j]), ha='center', va='center',
-                    fontsize=7,
-                    color='white' if confusion[i, j] > threshold else 'black')
+            count = int(confusion[i, j])
+            dark = count >= 1 and norm is not None and norm(count) < 0.6
+            ax.text(j, i, str(count), ha='center', va='center', fontsize=7,
+                    color='white' if dark else 'black')
     ax.set_xticks(range(n_classes))
     ax.set_yticks(range(n_classes))
     ax.set_xlabel('predicted class')
@@ -132,37 +148,28 @@ def confusion_figure(confusion, title):
     return figure
 
 
+def misclassified_title(shown, errors, model_path):
+    return ('Misclassified test digits: the first {} of {}, in test-set '
+            'order\n{}'.format(shown, errors, os.path.basename(model_path)))
+
+
 def misclassified_figure(images, predictions, labels, title,
-                         cols=SHOWN_COLS):
-    """Figure of images (N, S, S), each headed 'p<predicted> t<true>'."""
+                         scale=figures.SCALE, cols=SHOWN_COLS):
+    """Figure of images (N, S, S), white on black, each headed 'true 2,
+    pred 7'; a figure that says so when N is 0. Returns (Figure, Layout or
+    None)."""
     n = len(images)
-    figure = Figure(figsize=(cols * 0.75, max(1, -(-n // cols)) * 0.85
-                             + 0.4))
-    ax = figure.add_axes([0, 0, 1, 1 - 0.4 / figure.get_figheight()])
-    ax.set_axis_off()
     if n == 0:
-        ax.text(0.5, 0.5, 'no misclassified test examples', ha='center',
-                va='center')
-        figure.suptitle(title, fontsize=9)
-        return figure
-    side = images.shape[1]
-    rows = -(-n // cols)
-    label_space = 12  # pixels above each tile for its text
-    cell_h, cell_w = side + label_space, side + 2
-    canvas = numpy.ones((rows * cell_h, cols * cell_w))
-    for k in range(n):
-        r, c = divmod(k, cols)
-        top, left = r * cell_h + label_space, c * cell_w + 1
-        canvas[top:top + side, left:left + side] = 1 - images[k]
-    ax.imshow(canvas, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
-    for k in range(n):
-        r, c = divmod(k, cols)
-        ax.text(c * cell_w + cell_w / 2, r * cell_h + label_space - 2,
-                'p{} t{}'.format(predictions[k], labels[k]), ha='center',
-                va='bottom', fontsize=7,
-                color='red')
-    figure.suptitle(title, fontsize=9)
-    return figure
+        figure = Figure(figsize=(4, 1), dpi=figures.DPI)
+        figure.text(0.5, 0.7, title, ha='center', va='center', fontsize=9)
+        figure.text(0.5, 0.3, 'no misclassified test examples',
+                    ha='center', va='center')
+        return figure, None
+    return figures.mosaic_figure(
+        images, min(cols, n), title, scale=scale,
+        tile_labels=['true {}, pred {}'.format(t, p) if scale >= 4 else
+                     't{} p{}'.format(t, p)
+                     for t, p in zip(labels, predictions)])
 
 
 def build_parser():
@@ -182,6 +189,8 @@ def build_parser():
         help='folder for confusion.png, misclassified.png, evaluation.json')
     add('--batchsize', '-b', type=cli.positive_int, default=200,
         help='examples per forward pass')
+    add('--scale', type=cli.int_in(1, 16), default=figures.SCALE,
+        help='screen pixels per image pixel in misclassified.png')
     add('--json', action='store_true',
         help='print evaluation.json as one line on stdout (the report goes '
              'to stderr)')
@@ -203,7 +212,7 @@ def _fmt(value, digits=3):
 def report_lines(result):
     """The human-readable report of an evaluation dict, as lines."""
     score = 'length' if result['score'] == 'length' else 'probability'
-    lines = ['model {} ({}), {} test set'.format(
+    lines = ['loaded {}: {}; {} test set'.format(
         result['model'], result['arch'], result['dataset']),
         'test error {:.2f}% ({} of {})'.format(
             result['test_error_percent'], result['errors'], result['n']),
@@ -259,19 +268,16 @@ def main(argv=None):
          'label': int(t[i])} for i in wrong]
     paths = {name: os.path.join(args.out, name) for name in
              ('confusion.png', 'misclassified.png', 'evaluation.json')}
-    title = '{} on {} test ({} examples): {:.2f}% error'.format(
-        os.path.basename(args.load), args.dataset, result['n'],
-        result['test_error_percent'])
+    title = ('Confusion matrix: {} on {} test ({} examples), {:.2f}% '
+             'error'.format(os.path.basename(args.load), args.dataset,
+                            result['n'], result['test_error_percent']))
     text = json.dumps(result, sort_keys=True)
     try:
         figures.save_figure(paths['confusion.png'], confusion_figure(
             result['confusion'], title))
-        figures.save_figure(paths['misclassified.png'],
-                              misclassified_figure(
-                                  x[wrong, 0], predictions[wrong], t[wrong],
-                                  'misclassified (first {} of {}): p '
-                                  'predicted, t true'.format(
-                                      len(wrong), result['errors'])))
+        figures.save_figure(paths['misclassified.png'], misclassified_figure(
+            x[wrong, 0], predictions[wrong], t[wrong], misclassified_title(
+                len(wrong), result['errors'], args.load), args.scale)[0])
         files.write_text(paths['evaluation.json'], json_text(result))
     except OSError as e:
         fail('cannot write into {} ({}); choose another --out'.format(

@@ -13,7 +13,8 @@ import pytest
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import evaluate
-from conftest import one_error_line
+from capsnet import figures
+from conftest import one_error_line, tile_shape
 
 KEYS = {'test_error', 'errors', 'n', 'per_class_error', 'confusion',
         'mean_length_true', 'mean_length_runner_up', 'model', 'options',
@@ -113,6 +114,67 @@ def test_figures_exist(evaluation):
         'confusion.png', 'evaluation.json', 'misclassified.png']
 
 
+def read_png(path):
+    from PIL import Image
+    with Image.open(path) as image:
+        return numpy.asarray(image.convert('RGB'))
+
+
+def test_misclassified_png_has_the_digits_white_on_black_and_labelled(
+        evaluation, mnist_dir):
+    """The PNG has the layout of the same figure drawn here, and the
+    digits' pixels at --scale (default)."""
+    from capsnet.data import mnist
+    run = evaluation[0]
+    result = json.loads(run['stdout'])
+    shown = result['misclassified_shown']
+    assert shown   # a fresh model gets most of them wrong
+    _, _, test = mnist.get_mnist_like('mnist', data_dir=mnist_dir,
+                                      test_size=200)
+    x, _ = mnist.to_arrays(test)
+    images = x[[s['index'] for s in shown], 0]
+    figure, layout = evaluate.misclassified_figure(
+        images, [s['prediction'] for s in shown],
+        [s['label'] for s in shown], evaluate.misclassified_title(
+            len(shown), result['errors'], result['model']))
+    png = read_png(os.path.join(run['out'], 'misclassified.png'))
+    assert png.shape[:2] == (layout.height, layout.width)
+    scale = figures.SCALE
+    assert layout.mosaic[3] == tile_shape(1, 10, 28 * scale,
+                                          figures.border_px(scale))[1]
+    for k in (0, len(shown) - 1):
+        top, left, bottom, right = layout.tile_box(*divmod(k, 10))
+        numpy.testing.assert_array_equal(
+            png[top:bottom, left:right, 0],
+            numpy.round(255 * figures.upscale(images[k:k + 1], scale)[0]))
+    texts = figures.figure_texts(figure)
+    assert 'true {}, pred {}'.format(shown[0]['label'],
+                                     shown[0]['prediction']) in texts
+
+
+def test_confusion_figure_has_a_colour_bar_labels_and_counts():
+    confusion = numpy.array([[50, 2, 0], [0, 40, 1], [3, 0, 45]])
+    figure = evaluate.confusion_figure(confusion, 'the title')
+    ax, bar = figure.axes
+    assert 'log scale' in bar.get_ylabel()
+    assert ax.get_xlabel() == 'predicted class'
+    assert ax.get_ylabel() == 'true class'
+    texts = figures.figure_texts(figure)
+    assert 'the title' in texts
+    cells = [t.get_text() for t in ax.texts]
+    assert cells == [str(c) for c in confusion.ravel()]
+    image = ax.get_images()[0]
+    assert image.get_array().mask[0, 2]    # an empty cell: white
+    assert not image.get_array().mask[0, 1]
+
+
+def test_no_misclassified_digits_is_said_in_the_figure():
+    figure, layout = evaluate.misclassified_figure(
+        numpy.zeros((0, 28, 28)), [], [], 'title')
+    assert layout is None
+    assert 'no misclassified test examples' in figures.figure_texts(figure)
+
+
 def test_two_evaluations_are_identical(evaluation):
     first, second = (json.loads(run['stdout']) for run in evaluation)
     for result in (first, second):
@@ -130,6 +192,7 @@ def test_text_report(tmp_path, mnist_dir, fresh_model_path, run_tool):
              if re.match(r'^\s+\d\s+\d+\s+\d+\s+(\d+\.\d\d%|n/a)$', line)]
     assert len(table) == 10  # one row per class (n/a: none in the 20)
     assert 'runner-up' in out
+    assert 'loaded {}: capsnet;'.format(fresh_model_path) in out
 
 
 # -- errors ------------------------------------------------------------------
