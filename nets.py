@@ -231,6 +231,31 @@ def pair_correct(lengths, t1, t2):
             | ((best[:, 0] == t2) & (best[:, 1] == t1)))
 
 
+def forced_class(lengths, t1, t2, prediction):
+    """Figure 5's starred column: per example, the class with the longest
+    capsule among those that are neither a label nor predicted.
+
+    Args:
+        lengths: (B, J) capsule lengths (or scores); t1, t2: (B,) labels;
+            prediction: (B, K) predicted classes (top2(lengths)).
+    Returns:
+        (B,) int: the longest remaining capsule; ties go to the lower class.
+    Raises:
+        ValueError: J leaves no class outside labels and prediction.
+    """
+    xp = backend.get_array_module(lengths)
+    b, j = lengths.shape
+    taken = xp.zeros((b, j), bool)
+    rows = xp.arange(b)
+    for classes in (t1, t2) + tuple(xp.asarray(prediction).T):
+        taken[rows, xp.asarray(classes)] = True
+    if bool(taken.all(axis=1).any()):
+        raise ValueError('no class is left outside the labels and the '
+                         'prediction among {}'.format(j))
+    return xp.where(taken, -xp.inf, xp.asarray(lengths, float)).argmax(
+        axis=1)
+
+
 def reconstruction_loss(reconstruction, x):
     """Sum of squared pixel errors per image, averaged over the batch.
 
@@ -632,8 +657,8 @@ class BaselineCNN(chainer.Chain):
         input_size: side of the square input (28 MNIST; 36, 40 padded).
             FC 328 grows with it: 128 * input_size**2 inputs.
         pad: padding of the convolutions, 2 ('same', the default) or 0
-            (valid: the side shrinks by 4 per convolution); the MultiMNIST
-            baseline (nets.TwoDigitBaselineCNN) uses 0.
+            (valid: the side shrinks by 4 per convolution); the earlier
+            MultiMNIST baseline (nets.LegacyTwoDigitBaselineCNN) uses 0.
         n_classes: size of the softmax layer.
         dropout: dropout ratio before the softmax layer (0 disables it).
         fast: use the fast CPU kernels of ``fast_ops`` (None: on the CPU).
@@ -820,21 +845,13 @@ class PoolingCNN(BaselineCNN):
         return F.transpose(h, (2, 3, 0, 1))
 
 
-class TwoDigitBaselineCNN(BaselineCNN):
-    """The baseline CNN for MultiMNIST: BaselineCNN's layers on 36 x 36
-    input with valid (unpadded) convolutions, 26,712,850 parameters (the
-    paper: 24.56M; see docs/experiments.md). Trained with a sigmoid cross
-    entropy against the two present classes; the prediction is the two
-    largest logits, scored like the CapsNet's."""
+class _TwoDigitScores:
+    """The MultiMNIST objective of a CNN: a sigmoid cross entropy against
+    the two present classes (summed over the classes, averaged over the
+    batch); the prediction is the two largest logits, scored like the
+    CapsNet's."""
 
-    arch = 'baseline-multimnist'
     two_digits = True
-
-    def __init__(self, input_size=36, n_classes=10, dropout=0.5, pad=0,
-                 fast=None):
-        super().__init__(input_size=input_size, n_classes=n_classes,
-                         dropout=dropout, pad=pad, fast=fast)
-        self.options['pad'] = int(pad)
 
     def predict(self, x):
         with chainer.using_config('train', False), \
@@ -853,9 +870,113 @@ class TwoDigitBaselineCNN(BaselineCNN):
         return loss
 
 
+class TwoDigitBaselineCNN(_TwoDigitScores, BaselineCNN):
+    """The baseline CNN for MultiMNIST, as the authors' released code builds
+    it: ``ConvModel.inference`` and ``ConvModel._add_convs`` of
+    research/capsules/models/conv_model.py (Sarasra/models, also in
+    tensorflow/models), with their SAME padding, on 36 x 36:
+
+        conv 512 5x5 SAME, ReLU, max pool 2x2 stride 2 SAME   36 -> 18
+        conv 256 5x5 SAME, ReLU, max pool 2x2 stride 2 SAME   18 -> 9
+        FC 1024, ReLU -> FC 10 (logits); no dropout
+
+    ``TwoDigitBaselineCNN()`` has 24,535,306 parameters (the paper: 24.56M):
+
+        conv1  1*512*25 + 512        =     13,312
+        conv2  512*256*25 + 256      =  3,277,056
+        fc1    (9*9*256)*1024 + 1024 = 21,234,688
+        fc2    1024*10 + 10          =     10,250
+
+    Its file's arch is 'baseline-multimnist-conv'; files of the earlier
+    MultiMNIST baseline ('baseline-multimnist') load as
+    LegacyTwoDigitBaselineCNN.
+
+    Args:
+        input_size: side of the square input; a pooling of an odd side
+            keeps the last row and column (TF's SAME: ceil(side / 2)).
+        dropout: before FC 10 (0: none, as the authors' code).
+        fast: the fast CPU kernels (None: on the CPU when input_size is a
+            multiple of 4). Not saved.
+    """
+
+    arch = 'baseline-multimnist-conv'
+    CHANNELS = (512, 256)
+    FC = 1024
+
+    def __init__(self, input_size=36, n_classes=10, dropout=0.0, fast=None):
+        chainer.Chain.__init__(self)
+        if input_size < 1:
+            raise ValueError('input_size must be >= 1, got {}'
+                             .format(input_size))
+        if not 0 <= dropout < 1:
+            raise ValueError('dropout must be in [0, 1), got {}'
+                             .format(dropout))
+        self.fast = fast
+        self.pad = PAD
+        self.options = dict(input_size=int(input_size),
+                            n_classes=int(n_classes), dropout=float(dropout))
+        self.input_size = int(input_size)
+        self.n_classes = int(n_classes)
+        self.dropout = float(dropout)
+        c1, c2 = self.CHANNELS
+        side = -(-(-(-self.input_size // 2)) // 2)   # ceil twice
+        with self.init_scope():
+            self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1, pad=PAD)
+            self.conv2 = L.Convolution2D(c1, c2, KERNEL, stride=1, pad=PAD)
+            self.fc1 = L.Linear(c2 * side * side, self.FC)
+            self.fc2 = L.Linear(self.FC, n_classes)
+
+    def _use_fast(self):
+        # pooling by reshape needs even sides at both poolings
+        return super()._use_fast() and self.input_size % 4 == 0
+
+    def features(self, x):
+        """(B, 1, S, S) images -> (B, 256, S/4, S/4) feature maps."""
+        side, batch = self.input_size, x.shape[0]
+        if not self._use_fast():
+            h = F.reshape(x, (batch, 1, side, side))
+            h = F.max_pooling_2d(F.relu(self.conv1(h)), 2)
+            return F.max_pooling_2d(F.relu(self.conv2(h)), 2)
+        # (H, W, B, C) arrays as in PoolingCNN.features
+        h = F.reshape(F.transpose(F.reshape(x, (batch, side, side)),
+                                  (1, 2, 0)), (side, side, batch, 1))
+        for conv, method in ((self.conv1, 'im2col'), (self.conv2, 'dft')):
+            p = self.pad
+            h = F.pad(h, ((p, p), (p, p), (0, 0), (0, 0)), 'constant')
+            h = F.relu(convolution.conv2d_hwbc(h, conv.W, conv.b,
+                                               method=method))
+            height, width, _, channels = h.shape
+            h = F.max(F.reshape(h, (height // 2, 2, width // 2, 2, batch,
+                                    channels)), axis=(1, 3))
+        return F.transpose(h, (2, 3, 0, 1))
+
+    def logits(self, x):
+        """(B, 1, S, S) images -> (B, n_classes) logits."""
+        h = F.relu(self.fc1(self.features(x)))
+        if self.dropout > 0:
+            h = F.dropout(h, ratio=self.dropout)
+        return self.fc2(h)
+
+
+class LegacyTwoDigitBaselineCNN(_TwoDigitScores, BaselineCNN):
+    """The earlier MultiMNIST baseline, kept so that its model files
+    (arch 'baseline-multimnist') still load: BaselineCNN's layers on
+    36 x 36 with valid (unpadded) convolutions, 26,712,850 parameters.
+    New runs use TwoDigitBaselineCNN (the authors' layers)."""
+
+    arch = 'baseline-multimnist'
+
+    def __init__(self, input_size=36, n_classes=10, dropout=0.5, pad=0,
+                 fast=None):
+        super().__init__(input_size=input_size, n_classes=n_classes,
+                         dropout=dropout, pad=pad, fast=fast)
+        self.options['pad'] = int(pad)
+
+
 ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN,
                  'capsnet-multimnist': TwoDigitCapsNet,
-                 'baseline-multimnist': TwoDigitBaselineCNN,
+                 'baseline-multimnist-conv': TwoDigitBaselineCNN,
+                 'baseline-multimnist': LegacyTwoDigitBaselineCNN,
                  'cnn-pool': PoolingCNN}
 SINGLE_DIGIT_ARCHITECTURES = ('baseline', 'capsnet')
 
