@@ -5,6 +5,7 @@
     python benchmark.py --device @cupy:0 --batchsize 100 --json    # GPU 0
     python benchmark.py --device @cupy:0 --profile                 # where to?
     python benchmark.py --device @cupy:0 --kernel-profile trace.json.gz
+    python benchmark.py --multimnist-generator --data-dir D --json
 
 Both implementations run in this one process on the same parameters and
 data, after warm-up, over several repeats; the median is reported. A
@@ -70,6 +71,14 @@ def parse_args(argv=None):
     add('--default-malloc', action='store_true',
         help='leave glibc returning freed memory to the system (see '
              'convolution.keep_freed_memory)')
+    add('--multimnist-generator', action='store_true',
+        help='time only the on-the-fly MultiMNIST generator instead '
+             '(paper.MultiMNIST at 1,000 pairs per digit: pairs/s of its '
+             'batch path at batch 100 and 128, and the peak resident '
+             'memory of building it and drawing the batches)')
+    add('--data-dir', default=None,
+        help='MNIST folder for --multimnist-generator (default: random '
+             'uint8 digits, the same work)')
     cli.add_device_arguments(parser)
     return parser.parse_args(argv)
 
@@ -77,6 +86,50 @@ def parse_args(argv=None):
 def peak_rss_mb():
     # ru_maxrss is in KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def multimnist_generator(args, batches=50, batchsizes=(100, 128)):
+    """pairs/s of paper.MultiMNIST's batch path (get_examples) over
+    ``batches`` batches of random indices for each batch size, on the 60,000
+    MNIST training digits at the paper's 1,000 pairs per digit (60M pairs),
+    and the process's peak RSS before building it and at the end."""
+    import numpy
+    from capsnet.data import paper
+    if args.data_dir:
+        images, labels = paper.load_mnist_arrays(args.data_dir)['train']
+        source = 'MNIST ' + args.data_dir
+    else:
+        random = numpy.random.RandomState(0)
+        images = random.randint(0, 256, (60000, 28, 28)).astype(numpy.uint8)
+        labels = numpy.arange(60000) % 10
+        source = 'random uint8 digits'
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    dataset = paper.MultiMNIST(images, labels, pairs_per_digit=1000, seed=0)
+    result = dict(source=source, pairs=len(dataset),
+                  build_s=round(time.perf_counter() - start, 4),
+                  peak_rss_mb_before_build=round(before, 1))
+    order = numpy.random.RandomState(1)
+    for batchsize in batchsizes:
+        indices = order.randint(0, len(dataset), (batches, batchsize))
+        dataset.get_examples(indices[0])   # warm-up
+        start = time.perf_counter()
+        for index in indices:
+            dataset.get_examples(index)
+        seconds = time.perf_counter() - start
+        result['pairs_per_s_batch{}'.format(batchsize)] = round(
+            batches * batchsize / seconds, 1)
+    result['peak_rss_mb'] = round(peak_rss_mb(), 1)
+    print('MultiMNIST generator ({:,} pairs, {}): built in {:.4f} s; '
+          .format(result['pairs'], source, result['build_s'])
+          + ', '.join('batch {}: {:,.0f} pairs/s'.format(
+              b, result['pairs_per_s_batch{}'.format(b)])
+              for b in batchsizes)
+          + '; peak RSS {:.0f} MB ({:.0f} MB before building)'.format(
+              result['peak_rss_mb'], before))
+    if args.json:
+        print(json.dumps(result))
+    return result
 
 
 def time_calls(function, warmup, repeats, synchronize=lambda: None):
@@ -299,6 +352,9 @@ def main(argv=None):
             cli.fail('--kernel-profile needs PyTorch, whose profiler reads '
                      "the GPU's kernels (pip install torch); leave the flag "
                      'out to run without it')
+    if args.multimnist_generator:
+        multimnist_generator(args)
+        return
     import numpy
     from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
     import chainer
