@@ -36,6 +36,7 @@ if __name__ == '__main__':  # before the slow imports: see cli.py
     cli.exit_on_signals_while_importing()
 
 import numpy
+import scipy.ndimage
 from PIL import Image
 
 from capsnet import devices
@@ -82,13 +83,6 @@ def needs_inversion(gray):
     return bool(gray.mean() > 0.5)
 
 
-def center_of_mass(image):
-    """(row, col) centre of mass of (H, W) non-negative weights."""
-    total = image.sum()
-    rows, cols = numpy.indices(image.shape)
-    return (rows * image).sum() / total, (cols * image).sum() / total
-
-
 def preprocess(gray, invert='auto', threshold=0.0, input_size=MNIST_SIDE):
     """Bring a (H, W) gray image in [0, 1] into MNIST's form.
 
@@ -104,8 +98,10 @@ def preprocess(gray, invert='auto', threshold=0.0, input_size=MNIST_SIDE):
     3. crop to the bounding box of the pixels > ``threshold``;
     4. scale (PIL, Lanczos antialiasing) so the larger side is 20 px,
        keeping the aspect ratio;
-    5. paste into 28 x 28 so that the centre of mass lies at (14, 14)
-       (shifted by whole pixels, rounded; kept inside the frame);
+    5. paste into 28 x 28 so that the centre of mass
+       (``scipy.ndimage.center_of_mass``) lies at (14, 14) (shifted by whole
+       pixels, rounded; kept inside the frame, which
+       ``scipy.ndimage.shift`` would not do: it cuts);
     6. zero-pad, centred, to input_size x input_size (as capsnet.data.mnist pads).
 
     Returns:
@@ -144,7 +140,7 @@ def preprocess(gray, invert='auto', threshold=0.0, input_size=MNIST_SIDE):
     if crop.sum() <= 0:
         raise ImageError('image is blank after scaling to 20 px')
 
-    cy, cx = center_of_mass(crop)
+    cy, cx = scipy.ndimage.center_of_mass(crop)
     centre = MNIST_SIDE // 2
     top = int(numpy.clip(numpy.floor(centre - cy + 0.5), 0,
                          MNIST_SIDE - new_h))
