@@ -602,3 +602,84 @@ def test_random_shift_rejects_a_negative_max_shift():
     with pytest.raises(ValueError):
         mnist.random_shift(numpy.zeros((1, 1, 4, 4)), -1,
                               numpy.random.RandomState(0))
+
+
+# -- one rule for sizes (issue 26): beyond the data is refused, naming the
+# limit; no silent clamping ---------------------------------------------------
+
+@pytest.mark.parametrize('kwargs, sizes', [
+    (dict(), (60000, 0, 10000)),
+    (dict(train_size=100, test_size=30), (100, 0, 30)),
+    (dict(validation=5000), (55000, 5000, 10000)),
+    (dict(validation=5000, train_size=55000), (55000, 5000, 10000)),
+    (dict(validation=59999), (1, 59999, 10000)),
+])
+def test_split_sizes_takes_what_is_asked(kwargs, sizes):
+    assert mnist.split_sizes(60000, 10000, **kwargs) == sizes
+
+
+@pytest.mark.parametrize('kwargs, fragments', [
+    (dict(train_size=60001), ['--train-size 60001', 'at most 60000']),
+    (dict(train_size=55001, validation=5000),
+     ['--train-size 55001', 'at most 55000', '--validation 5000']),
+    (dict(test_size=10001), ['--test-size 10001', 'at most 10000']),
+    (dict(validation=60000), ['--validation 60000', 'at most 59999']),
+    (dict(validation=70000, train_size=10), ['--validation 70000']),
+    (dict(train_size=0), ['--train-size', '0']),
+    (dict(test_size=0), ['--test-size', '0']),
+    (dict(train_size=-3), ['--train-size']),
+    (dict(validation=-1), ['--validation']),
+    (dict(train_size=10.5), ['--train-size', 'whole number']),
+    (dict(test_size=True), ['--test-size', 'whole number']),
+    (dict(validation='10'), ['--validation', 'whole number']),
+])
+def test_split_sizes_refuses_what_the_data_cannot_honour(kwargs, fragments):
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.split_sizes(60000, 10000, **kwargs)
+    message = one_line(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_split_sizes_names_the_dataset():
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.split_sizes(600, 100, train_size=601, name='fashion-mnist')
+    assert 'fashion-mnist has 600 training examples' in one_line(info.value)
+
+
+@pytest.mark.parametrize('batchsize, n, ok', [
+    (100, 60000, True), (100, 100, True), (101, 100, False), (0, 100, False),
+])
+def test_a_batch_larger_than_the_training_set_is_refused(batchsize, n, ok):
+    if ok:
+        mnist.check_batchsize(batchsize, n)
+        return
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.check_batchsize(batchsize, n)
+    message = one_line(info.value)
+    assert '--batchsize {}'.format(batchsize) in message
+    if batchsize:
+        assert 'at most {}'.format(n) in message
+
+
+@needs_mnist
+@pytest.mark.parametrize('kwargs, fragment', [
+    (dict(train_size=60001), 'at most 60000'),
+    (dict(validation=100, train_size=59901), 'at most 59900'),
+    (dict(test_size=10.0), 'whole number'),
+])
+def test_get_mnist_like_refuses_sizes_beyond_the_data(kwargs, fragment):
+    with pytest.raises(mnist.DatasetError) as info:
+        mnist.get_mnist_like(data_dir=MNIST_DIR, **kwargs)
+    assert fragment in one_line(info.value)
+
+
+@needs_mnist
+def test_get_mnist_like_says_what_it_reads():
+    """A phase that can take seconds (md5s, decompression, padding) is said
+    in one line, before it starts."""
+    lines = []
+    mnist.get_mnist_like(data_dir=MNIST_DIR, train_size=10, test_size=10,
+                         log=lines.append)
+    assert len(lines) == 1 and 'mnist' in lines[0] and MNIST_DIR in lines[0]
+    assert lines[0].endswith('...')

@@ -11,6 +11,7 @@ training on garbage.
 import gzip
 import hashlib
 import http.client
+import numbers
 import os
 import struct
 import sys
@@ -290,13 +291,64 @@ def _sources(name, data_dir, root):
     return {f: os.path.join(data_dir, f) for f in spec['files']}, fix
 
 
-def _take(n, available, what):
-    if n is None:
-        return available
-    if not 0 < n <= available:
-        raise DatasetError('{} must be between 1 and {} (examples '
-                           'available), got {}'.format(what, available, n))
-    return n
+def _whole(value, flag):
+    """``value`` as an int (None stays None); DatasetError if it is not a
+    whole number (a float, a bool, a string)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DatasetError('{} must be a whole number, got {!r}'.format(
+            flag, value))
+    return int(value)
+
+
+def split_sizes(n_train, n_test, train_size=None, test_size=None,
+                validation=0, name='mnist'):
+    """(training, validation, test) example counts for the tools' size
+    flags on a dataset of ``n_train`` training and ``n_test`` test examples:
+    --validation holds out the last N training examples, --train-size and
+    --test-size take the first N. A value the data cannot honour is refused
+    (DatasetError naming the flag and the limit), never clamped: a size
+    beyond the data, 0 or negative sizes, a validation set that leaves no
+    training example, a value that is not a whole number."""
+    train_size = _whole(train_size, '--train-size')
+    test_size = _whole(test_size, '--test-size')
+    validation = _whole(validation, '--validation') or 0
+    if not 0 <= validation < n_train:
+        raise DatasetError(
+            '--validation {} is beyond the data: {} has {} training examples '
+            'and at least one must stay for training; use at most {}'.format(
+                validation, name, n_train, n_train - 1))
+    available = n_train - validation
+    held = ' ({} with --validation {} held out)'.format(
+        available, validation) if validation else ''
+    for flag, size, limit, what, note in (
+            ('--train-size', train_size, available, 'training', held),
+            ('--test-size', test_size, n_test, 'test', '')):
+        if size is not None and size > limit:
+            raise DatasetError(
+                '{} {} is beyond the data: {} has {} {} examples{}; use at '
+                'most {}'.format(flag, size, name, n_train if what ==
+                                 'training' else n_test, what, note, limit))
+        if size is not None and size <= 0:
+            raise DatasetError(
+                '{} {} would take no {} example; use 1 to {}, or leave the '
+                'flag out for all {}'.format(flag, size, what, limit, limit))
+    return (available if train_size is None else train_size, validation,
+            n_test if test_size is None else test_size)
+
+
+def check_batchsize(batchsize, n_train, flag='--batchsize'):
+    """DatasetError unless 0 < ``batchsize`` <= ``n_train`` (the training
+    examples a process has): a larger batch would wrap the set within one
+    step, and an epoch would not be one pass."""
+    if not 0 < batchsize <= n_train:
+        raise DatasetError(
+            '{} {} {}; there are {} training examples, so use at most {}{}'
+            .format(flag, batchsize, 'is larger than the training set'
+                    if batchsize > 0 else 'is no batch', n_train, n_train,
+                    ' (or more --train-size)' if batchsize > n_train
+                    else ''))
 
 
 def _to_dataset(images, labels, input_size):
@@ -317,7 +369,8 @@ def to_arrays(dataset):
 
 
 def get_mnist_like(name='mnist', data_dir=None, train_size=None,
-                   test_size=None, validation=0, input_size=28, root=None):
+                   test_size=None, validation=0, input_size=28, root=None,
+                   log=None):
     """Load MNIST or Fashion-MNIST as (train, validation, test).
 
     Args:
@@ -330,6 +383,10 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
             validation set (None when 0).
         input_size: S >= 28; images are zero-padded, centred, to S x S.
         root: cache folder passed to fetch() when data_dir is None.
+        log: called with one line before the reading (md5s, decompression,
+            scaling: about a second on a 2-core CPU, more on a slow disk),
+            e.g. ``print``; None says nothing (a tool whose stdout is JSON
+            passes a function writing to stderr).
 
     Returns:
         (train, validation or None, test), each a TupleDataset of x float32
@@ -339,7 +396,12 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
     if input_size < IMAGE_SIZE:
         raise DatasetError('--input-size must be >= {}, got {}; pass a larger '
                            '--input-size'.format(IMAGE_SIZE, input_size))
+    split_sizes(TRAIN_SIZE, TEST_SIZE, train_size, test_size, validation,
+                name)   # before the reading: the published sizes
     paths, fix = _sources(name, data_dir, root)
+    if log is not None:
+        log('reading {} from {} (checking md5s) ...'.format(
+            name, os.path.dirname(os.path.abspath(paths[TRAIN_IMAGES]))))
     arrays = {fname: load_idx(path, spec['files'][fname], fix)
               for fname, path in paths.items()}
 
@@ -356,20 +418,12 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
         splits.append((x, t))
     (x_train, t_train), (x_test, t_test) = splits
 
-    validation = validation or 0
-    if not 0 <= validation < len(x_train):
-        raise DatasetError('--validation must be between 0 and {} (training '
-                           'examples - 1), got {}'.format(
-                               len(x_train) - 1, validation))
-    n_train = len(x_train) - validation
+    n_train, validation, n_test = split_sizes(
+        len(x_train), len(x_test), train_size, test_size, validation, name)
+    held = len(x_train) - validation
     valid = None
     if validation:
-        valid = _to_dataset(x_train[n_train:], t_train[n_train:], input_size)
-    # named as the tools' flags, since the tools pass them through
-    n_train = _take(train_size, n_train, '--train-size' if not validation
-                    else '--train-size (with the last {} training examples '
-                    'held out by --validation)'.format(validation))
-    n_test = _take(test_size, len(x_test), '--test-size')
+        valid = _to_dataset(x_train[held:], t_train[held:], input_size)
     return (_to_dataset(x_train[:n_train], t_train[:n_train], input_size),
             valid,
             _to_dataset(x_test[:n_test], t_test[:n_test], input_size))
