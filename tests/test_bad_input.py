@@ -560,9 +560,9 @@ def test_train_size_beyond_what_validation_leaves(mnist_dir, tmp_path):
     assert_one_error(run('train.py', '--data-dir', mnist_dir, '-o',
                          tmp_path / 'out', '--validation', '59999',
                          '--train-size', '100'),
-                     '--train-size (with the last 59999 training examples '
-                     'held out by --validation) must be between 1 and 1',
-                     status=1)
+                     '--train-size 100 is beyond the data: mnist has 60000 '
+                     'training examples (1 with --validation 59999 held '
+                     'out); use at most 1', status=1)
 
 
 @pytest.mark.parametrize('holds', ['nothing', 'snapshots'])
