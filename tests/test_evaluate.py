@@ -220,7 +220,8 @@ def test_too_large_test_size_is_one_line(tmp_path, mnist_dir,
         '--load', fresh_model_path, '--data-dir', mnist_dir,
         '--test-size', '20000', '--out', tmp_path / 'e'])
     assert status != 0
-    assert '--test-size must be between 1 and 10000' in one_error_line(err)
+    assert '--test-size 20000 is beyond the data: mnist has 10000 test ' \
+        'examples; use at most 10000' in one_error_line(err)
 
 
 def test_unwritable_out_is_one_line(tmp_path, mnist_dir, fresh_model_path,
