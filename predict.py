@@ -22,6 +22,12 @@ baseline CNN model, its softmax probabilities). With ``--json`` each line is
 a JSON object ``{"file", "prediction", "lengths"}`` (``probabilities`` for
 the baseline), or ``{"file", "error"}`` for an input that failed.
 
+``--reconstruct OUT.png`` (a CapsNet trained with a decoder) also writes a
+figure with one row per classified input, labelled ``file: predicted
+class``: the preprocessed input as the model sees it beside its
+reconstruction from the predicted class's capsule, white on black, each
+image pixel drawn as --scale x --scale screen pixels (default 4).
+
 An input that is missing, empty, not an image or blank gives one line
 ``error: FILE: reason`` on stderr; the others are still classified. Exit
 status: 0 if every input was classified, 1 if any failed, 2 for usage
@@ -212,10 +218,40 @@ def build_parser():
     add('--reconstruct', metavar='OUT.png', default=None,
         help='write each preprocessed input beside its reconstruction '
              '(needs a model trained with --reconstruct)')
+    add('--scale', type=cli.int_in(1, 16), default=figures.SCALE,
+        help='screen pixels per image pixel in the --reconstruct figure')
     add('--batchsize', '-b', type=cli.positive_int, default=100,
         help='examples per forward pass')
     cli.add_device_arguments(parser)
     return parser
+
+
+def row_label(path, prediction, width=28):
+    """'digit.png: 7', the file name shortened to ``width`` characters
+    ('...' in front)."""
+    name = os.path.basename(path)
+    if len(name) > width:
+        name = '...' + name[-(width - 3):]
+    return '{}: {}'.format(name, int(prediction))
+
+
+def reconstruction_figure(shown, model_path, scale=figures.SCALE):
+    """The --reconstruct figure: one row per input, the preprocessed input
+    (as the model sees it) beside the reconstruction from the predicted
+    class's capsule, each row labelled 'file: predicted class'.
+
+    shown: [(path, prediction, input (S, S), reconstruction (S, S))].
+    Returns (Figure, figures.Layout).
+    """
+    images = numpy.stack([image for _, _, x, recon in shown
+                          for image in (x, recon)])
+    return figures.mosaic_figure(
+        images, 2, 'Inputs as the model sees them and their '
+        'reconstructions\n{}'.format(os.path.basename(model_path)),
+        scale=scale, row_labels=[row_label(path, p)
+                                 for path, p, _, _ in shown],
+        row_title='file: predicted class',
+        col_labels=['input', 'reconstruction'])
 
 
 def main(argv=None):
@@ -248,7 +284,7 @@ def main(argv=None):
 
     inputs = expand_inputs(args.images)
     failed = 0
-    shown = []  # (input, reconstruction) pairs for --reconstruct
+    shown = []  # (path, prediction, input, reconstruction), --reconstruct
 
     def report_error(path, reason):
         print('error: {}: {}'.format(path, reason), file=sys.stderr)
@@ -281,7 +317,9 @@ def main(argv=None):
                         recon = devices.to_cpu(model.reconstruction(
                             v, device.send(predictions.astype(numpy.int32))
                         ).array).reshape(-1, side, side)
-                        shown.extend(zip(x[:, 0], recon))
+                        read = [p for (p, _), e in zip(chunk, errors)
+                                if e is None]
+                        shown.extend(zip(read, predictions, x[:, 0], recon))
                 else:
                     predictions, scores = model.predict(device.send(x))
                     predictions = devices.to_cpu(predictions)
@@ -305,10 +343,9 @@ def main(argv=None):
 
     if args.reconstruct:
         if shown:
-            grid = figures.tile(numpy.stack(
-                [img for pair in shown for img in pair]), len(shown), 2)
+            figure, _ = reconstruction_figure(shown, args.load, args.scale)
             try:
-                figures.save_image(args.reconstruct, grid)
+                figures.save_figure(args.reconstruct, figure)
             except OSError as e:
                 fail('cannot write {} ({}); choose another --reconstruct '
                      'file'.format(args.reconstruct, e.strerror or e), USAGE)

@@ -12,6 +12,7 @@ import scipy.ndimage
 from PIL import Image
 
 from capsnet.data import mnist
+from capsnet import figures
 from capsnet import files
 import nets
 import predict
@@ -220,9 +221,43 @@ def test_reconstruct_writes_input_beside_reconstruction(
         images['good'][0], images['text'], images['good'][1]])
     assert status == 1
     assert err.count('error: ') == 1
+    png = numpy.asarray(Image.open(str(out_png)).convert('RGB'))
+    # the same figure drawn here: its layout, and the inputs' pixels
+    inputs = [predict.load_image(path) for path in images['good']]
+    model = files.load_model(fresh_model_path, nets.ARCHITECTURES)
+    predicted, _ = model.predict(numpy.stack(inputs)[:, None])
+    shown = [(path, p, x, x) for path, p, x in zip(images['good'],
+                                                   predicted, inputs)]
+    figure, layout = predict.reconstruction_figure(shown, fresh_model_path)
+    assert png.shape[:2] == (layout.height, layout.width)
+    scale = figures.SCALE
+    assert layout.mosaic[2:] == tile_shape(2, 2, 28 * scale,
+                                           figures.border_px(scale))
+    for row, x in enumerate(inputs):
+        top, left, bottom, right = layout.tile_box(row, 0)
+        numpy.testing.assert_array_equal(
+            png[top:bottom, left:right, 0],
+            numpy.round(255 * figures.upscale(x[None], scale)[0]))
+    texts = figures.figure_texts(figure)
+    assert 'input' in texts and 'reconstruction' in texts
+    assert 'a.png: {}'.format(int(predicted[0])) in texts
+    assert predict.row_label('/x/' + 'n' * 40 + '.png', 3) == \
+        '...' + 'n' * 21 + '.png: 3'
+
+
+def test_scale_sets_the_size_of_the_reconstruct_figure(
+        tmp_path, images, fresh_model_path, run_tool):
+    out_png = tmp_path / 'recon.png'
+    status, _, err = run_tool(predict.main, [
+        '--load', fresh_model_path, '--reconstruct', out_png, '--scale',
+        '1', images['good'][0]])
+    assert status == 0, err
+    x = predict.load_image(images['good'][0])
+    _, layout = predict.reconstruction_figure(
+        [(images['good'][0], 0, x, x)], fresh_model_path, scale=1)
+    assert layout.mosaic[2:] == tile_shape(1, 2, 28)
     with Image.open(str(out_png)) as image:
-        width, height = image.size
-    assert (height, width) == tile_shape(2, 2, 28)
+        assert image.size == (layout.width, layout.height)
 
 
 def test_reconstruct_needs_a_decoder(tmp_path, images,
