@@ -6,7 +6,7 @@ D = 16 for a digit capsule's.
 
 Two implementations of the same network share one set of parameters:
 - the plain path, built from stock Chainer functions (runs on NumPy or CuPy);
-- the fast path (`fast_ops`), custom FunctionNodes laid out so that the
+- the fast path (`capsnet.kernels`), custom FunctionNodes laid out so that the
   BLAS does the work and Chainer has few nodes to run: on the CPU every
   layer; on the GPU all but the convolutions (the prediction vectors with
   the routing, squash, the margin loss with the lengths, the mask, the
@@ -24,6 +24,7 @@ import chainer.functions as F
 import chainer.links as L
 from chainer import backend, reporter
 
+from capsnet import kernels
 from capsnet.kernels import convolution, heads, routing
 
 EPSILON = 1e-7
@@ -330,7 +331,7 @@ class CapsNet(chainer.Chain):
             older Chainer implementation did (6.8M parameters).
         input_size: side of the square input (28 MNIST; 36, 40 padded).
         n_classes: J.
-        fast: use the fast kernels (``fast_ops``): on the CPU all of them,
+        fast: use the fast kernels (``capsnet.kernels``): on the CPU all of them,
             on the GPU all but the convolutions. None (the default) picks
             them on both; False keeps the plain path. Not part of the
             architecture and not saved.
@@ -374,6 +375,8 @@ class CapsNet(chainer.Chain):
         self.input_size = input_size
         self.n_classes = n_classes
         self.fast = fast
+        # the kernels' optional pieces (not saved; train.py's flags)
+        self.kernel_options = kernels.DEFAULT
         self.grid = primary_grid(input_size)
         self.n_primary = N_PRIMARY_TYPES * self.grid * self.grid
         w_rows = N_PRIMARY_TYPES if share_weights else self.n_primary
@@ -395,7 +398,7 @@ class CapsNet(chainer.Chain):
     # -- pieces ------------------------------------------------------------
 
     def _use_fast(self):
-        """Whether fast_ops runs: all of it on the CPU; on the GPU all but
+        """Whether the fast kernels run: all of it on the CPU; on the GPU all but
         its convolutions (see ``_hwbc_convolutions``)."""
         if self.fast is None:
             return True
@@ -424,7 +427,7 @@ class CapsNet(chainer.Chain):
         return self.primary.W * self.primary.W.dtype.type(self.primary_scale)
 
     def _hwbc_convolutions(self):
-        """Whether the convolutions are fast_ops' own (the fast path on the
+        """Whether the convolutions are capsnet.kernels' own (the fast path on the
         CPU); on the GPU the fast path keeps Chainer's convolutions."""
         return self._use_fast() and self.xp is numpy
 
@@ -447,7 +450,7 @@ class CapsNet(chainer.Chain):
             split = (grid, grid, batch, N_PRIMARY_TYPES, PRIMARY_DIM)
             axes = (2, 3, 0, 1, 4)
         else:
-            if self._use_fast() and convolution.GPU_CONVOLUTIONS:
+            if self._use_fast() and self.kernel_options.gpu_convolutions:
                 h = convolution.conv2d_nchw(x, self.conv1.W, self.conv1.b)
                 h = convolution.conv2d_nchw(
                     self._activation(h), self.primary_weights(),
@@ -463,7 +466,8 @@ class CapsNet(chainer.Chain):
             axes = (0, 1, 3, 4, 2)
         capsules = (batch, self.n_primary, PRIMARY_DIM)
         if self._use_fast():
-            return heads.squash_capsules(h, split, axes, capsules)
+            return heads.squash_capsules(h, split, axes, capsules,
+                                         self.kernel_options)
         return squash(F.reshape(F.transpose(F.reshape(h, split), axes),
                                 capsules))
 
@@ -472,7 +476,8 @@ class CapsNet(chainer.Chain):
         bias = self.digit_b if self.digit_bias else None
         if self._use_fast():
             return routing.digit_capsules(u, self.digit_weights(),
-                                           self.routing, bias)
+                                          self.routing, bias,
+                                          self.kernel_options)
         return dynamic_routing(prediction_vectors(u, self.digit_weights()),
                                self.routing, bias)
 

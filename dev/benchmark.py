@@ -53,7 +53,7 @@ def parse_args(argv=None):
     add('--no-plain', action='store_true', help='time only the fast path')
     add('--routing-contraction', default='auto',
         choices=['auto', 'einsum', 'broadcast'],
-        help="how the fast routing contracts u_hat (routing.ROUTING_EINSUM): "
+        help="how the fast routing contracts u_hat (KernelOptions.einsum): "
              "auto picks einsum on the CPU, broadcast-and-sum on the GPU")
     cli.add_gpu_fast_path_arguments(parser)
     add('--profile', action='store_true',
@@ -360,15 +360,15 @@ def main(argv=None):
     import chainer
     from capsnet.data import mnist
     from capsnet import devices
-    from capsnet.kernels import convolution, routing
+    from capsnet.kernels import KernelOptions, convolution
     import nets
 
     # before any timing, so that both implementations run under it
     kept = False if args.default_malloc else convolution.keep_freed_memory()
-    routing.ROUTING_EINSUM = {'auto': None, 'einsum': True,
-                               'broadcast': False}[args.routing_contraction]
-    routing.GPU_KERNELS = args.gpu_kernels
-    convolution.GPU_CONVOLUTIONS = args.gpu_convolutions
+    kernel_options = KernelOptions(
+        gpu_kernels=args.gpu_kernels, gpu_convolutions=args.gpu_convolutions,
+        einsum={'auto': None, 'einsum': True,
+                'broadcast': False}[args.routing_contraction])
 
     args.device = cli.device_spec(args.device)
     device = devices.select_device(args, keep_freed_memory=False)
@@ -389,6 +389,7 @@ def main(argv=None):
     random = numpy.random.RandomState(0)
     numpy.random.seed(0)
     model = nets.CapsNet(routing=args.routing, reconstruct=True)
+    model.kernel_options = kernel_options
     model.to_device(device)
     optimizer = chainer.optimizers.Adam()
     optimizer.setup(model)

@@ -12,7 +12,7 @@ import chainer
 import chainer.functions as F
 from chainer import gradient_check
 
-from capsnet.kernels import convolution, heads, routing
+from capsnet.kernels import KernelOptions, convolution, heads, routing
 import nets
 from conftest import both_paths
 
@@ -88,9 +88,9 @@ def test_digit_capsules_contractions_agree(iterations, monkeypatch):
     gy = random(2, 3, 5, seed=2)
     results = []
     for einsum in (True, False):
-        monkeypatch.setattr(routing, 'ROUTING_EINSUM', einsum)
         u_var, W_var = chainer.Variable(u), chainer.Variable(W)
-        v, c = routing.digit_capsules(u_var, W_var, iterations)
+        v, c = routing.digit_capsules(u_var, W_var, iterations,
+                                      options=KernelOptions(einsum=einsum))
         v.grad = gy
         v.backward()
         results.append((v.array, c, u_var.grad, W_var.grad))
@@ -212,8 +212,9 @@ class StandInKernels:
 def stand_in_kernels(monkeypatch):
     """fast_ops takes its GPU-kernel branches, with the stand-ins, on
     NumPy arrays (and the broadcast contractions, as on CuPy)."""
-    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
-    monkeypatch.setattr(routing, 'ROUTING_EINSUM', False)
+    monkeypatch.setattr(routing, '_kernels_for',
+                        lambda xp, options: StandInKernels)
+    monkeypatch.setattr(routing, '_use_einsum', lambda xp, options: False)
 
 
 def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
@@ -221,7 +222,8 @@ def test_gpu_kernel_bodies_compute_squash_and_its_gradient(monkeypatch):
     s[0, 0] = 0          # the gradient stays finite at zero
     gv = random(4, 10, 16, seed=1).astype(numpy.float64)
     expected = routing.squash_forward(s), routing.squash_backward(s, gv)
-    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
+    monkeypatch.setattr(routing, '_kernels_for',
+                        lambda xp, options: StandInKernels)
     actual = routing.squash_forward(s), routing.squash_backward(s, gv)
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
@@ -243,7 +245,8 @@ def test_gpu_kernel_bodies_compute_the_softmax_and_its_gradient(
                 routing._softmax_backward(c, g_c, 2),
                 routing._softmax_backward(c, g_c, 2, g_more))
     expected = results()
-    monkeypatch.setattr(routing, '_kernels_for', lambda xp: StandInKernels)
+    monkeypatch.setattr(routing, '_kernels_for',
+                        lambda xp, options: StandInKernels)
     actual = results()
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
@@ -467,14 +470,14 @@ def test_gpu_arrangement_of_the_fast_path_equals_plain_path(options, variant,
     NCHW convolution node instead of Chainer's)."""
     if variant == 'gpu-kernel-bodies':
         request.getfixturevalue('stand_in_kernels')
-    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS',
-                        variant == 'gpu-convolutions')
     convolutions = []
     conv2d_nchw = convolution.conv2d_nchw
     monkeypatch.setattr(convolution, 'conv2d_nchw', lambda *args, **kwargs: (
         convolutions.append(1), conv2d_nchw(*args, **kwargs))[1])
     numpy.random.seed(0)
     model = nets.CapsNet(**options)
+    model.kernel_options = KernelOptions(
+        gpu_convolutions=variant == 'gpu-convolutions')
     model._hwbc_convolutions = lambda: False
     x = numpy.random.rand(3, 1, 28, 28).astype(numpy.float32)
     t = numpy.array([1, 5, 7], dtype=numpy.int32)

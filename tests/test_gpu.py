@@ -24,7 +24,7 @@ from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12
 import chainer
 from chainer import gradient_check
 
-from capsnet.kernels import convolution, heads, routing
+from capsnet.kernels import KernelOptions, convolution, heads, routing
 from capsnet import files
 import nets
 
@@ -127,17 +127,16 @@ def test_margin_loss_and_mask_match_cpu(gpu_device):
 
 @pytest.fixture(params=[False, True], ids=['numpy-api', 'gpu-kernels'])
 def gpu_kernels(request, monkeypatch):
-    """routing.GPU_KERNELS off and on (the CuPy kernels apply to CuPy
-    arrays only: with CAPSNET_TEST_DEVICE=@numpy both runs are the same)."""
-    monkeypatch.setattr(routing, 'GPU_KERNELS', request.param)
-    return request.param
+    """KernelOptions with gpu_kernels off and on (the CuPy kernels apply to
+    CuPy arrays only: with CAPSNET_TEST_DEVICE=@numpy both runs are the
+    same)."""
+    return KernelOptions(gpu_kernels=request.param)
 
 
 @pytest.fixture(params=[False, True], ids=['chainer-conv', 'nchw-conv'])
 def gpu_convolutions(request, monkeypatch):
-    """convolution.GPU_CONVOLUTIONS off and on (it changes the fast path on
-    the GPU only: the CPU's has convolutions of its own)."""
-    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS', request.param)
+    """KernelOptions.gpu_convolutions off and on (it changes the fast path
+    on the GPU only: the CPU's has convolutions of its own)."""
     return request.param
 
 
@@ -164,21 +163,20 @@ def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
     # logits far from 0, where a softmax without its maximum overflows
     logits = gpu_device.send(random(12, 6, 10, seed=14, scale=30) + 100)
     coupling = routing._softmax(logits, axis=2)
-    monkeypatch.setattr(routing, 'ROUTING_EINSUM', False)
+    def results(gpu_kernels):
+        options = KernelOptions(gpu_kernels=gpu_kernels, einsum=False)
+        return [routing.squash_forward(s, options),
+                routing.squash_backward(s, gv, options),
+                routing.sum_over_inputs(c, u_hat, options),
+                routing.agreement(u_hat, s, options),
+                routing.outer_sum(weights, vectors, False, options),
+                routing._softmax(logits, 2, options),
+                routing._softmax_backward(coupling, c, 2, None, options),
+                routing._softmax_backward(coupling, c, 2, weights[0],
+                                          options)]
 
-    def results():
-        return [routing.squash_forward(s), routing.squash_backward(s, gv),
-                routing.sum_over_inputs(c, u_hat),
-                routing.agreement(u_hat, s),
-                routing.outer_sum(weights, vectors, batched_gemm=False),
-                routing._softmax(logits, axis=2),
-                routing._softmax_backward(coupling, c, 2),
-                routing._softmax_backward(coupling, c, 2, weights[0])]
-
-    monkeypatch.setattr(routing, 'GPU_KERNELS', False)
-    expected = results()
-    monkeypatch.setattr(routing, 'GPU_KERNELS', True)
-    for actual, wanted in zip(results(), expected):
+    expected = results(False)
+    for actual, wanted in zip(results(True), expected):
         assert actual.shape == wanted.shape
         numpy.testing.assert_allclose(to_cpu(actual), to_cpu(wanted),
                                       **UNIT_TOLERANCE)
@@ -186,18 +184,18 @@ def test_gpu_kernels_match_the_numpy_api_forms(gpu_device, monkeypatch):
 
 @pytest.mark.parametrize('name', ['squash', 'routing', 'fast_routing'])
 def test_gradient_check_on_device(gpu_device, name, gpu_kernels):
-    def routing(u, W):
+    def plain_routing(u, W):
         return nets.dynamic_routing(nets.prediction_vectors(u, W), 3)[0]
 
     def fast_routing(u, W):
-        return routing.digit_capsules(u, W, 3)[0]
+        return routing.digit_capsules(u, W, 3, options=gpu_kernels)[0]
 
-    if gpu_kernels and name != 'fast_routing':
+    if gpu_kernels.gpu_kernels and name != 'fast_routing':
         pytest.skip('the GPU kernels serve the fast routing only')
     if name == 'squash':
         function, inputs, out_shape = nets.squash, [random(3, 4, 5)], (3, 4, 5)
     else:
-        function = routing if name == 'routing' else fast_routing
+        function = plain_routing if name == 'routing' else fast_routing
         inputs = [random(2, 6, 4, scale=0.5),
                   random(6, 3, 5, 4, seed=1, scale=0.5)]
         out_shape = (2, 3, 5)
@@ -207,7 +205,7 @@ def test_gradient_check_on_device(gpu_device, name, gpu_kernels):
                                   dtype=numpy.float64, atol=1e-5, rtol=1e-4)
 
 
-def capsule_heads(device):
+def capsule_heads(device, options=KernelOptions()):
     """{name: (fused node as a function of one input, its input's shape)}
     for fast_ops' capsule heads, their constant arguments on ``device``."""
     labels = numpy.array([2, 0, 3, 3], dtype=numpy.int32)
@@ -216,7 +214,8 @@ def capsule_heads(device):
     labels = device.send(labels)
     return {
         'squash_capsules': (lambda x: heads.squash_capsules(
-            x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2), (4, 8, 3)), (4, 6, 2, 2)),
+            x, (4, 2, 3, 2, 2), (0, 1, 3, 4, 2), (4, 8, 3), options),
+            (4, 6, 2, 2)),
         'margin_loss': (lambda v: heads.margin_loss(
             v, present, nets.M_PLUS, nets.M_MINUS, nets.LAMBDA_ABSENT)[0],
             (4, 4, 5)),
@@ -244,7 +243,7 @@ def test_capsule_head_matches_cpu(gpu_device, name):
 @pytest.mark.parametrize('name', HEADS)
 def test_capsule_head_gradient_check_on_device(gpu_device, name,
                                                gpu_kernels):
-    function, shape = capsule_heads(gpu_device)[name]
+    function, shape = capsule_heads(gpu_device, gpu_kernels)[name]
     x = gpu_device.send(random(*shape, seed=3, scale=0.4,
                                dtype=numpy.float64))
     gy = gpu_device.send(random(*function(x).shape, seed=4,
@@ -330,6 +329,8 @@ def test_fast_path_on_device_matches_plain_on_device(gpu_device,
     plain = nets.CapsNet(reconstruct=True, fast=False)
     fast = plain.copy(mode='copy')
     fast.fast = None   # what --impl auto gives
+    fast.kernel_options = gpu_kernels._replace(
+        gpu_convolutions=gpu_convolutions)
     x, t = mnist_like_batch(4, seed=1)
     fast_on_device = fast.copy(mode='copy')
     fast_on_device.to_device(gpu_device)

@@ -158,7 +158,7 @@ def test_the_checker_sees_what_it_must():
     # the parser, not the layout, is what this checks: imports inside
     # functions, ``from capsnet import x`` as capsnet.x, and a harness
     # running a tool
-    assert 'capsnet.kernels.routing' in imports('benchmark')
+    assert 'capsnet.kernels.convolution' in imports('benchmark')
     assert 'capsnet.cli' in imports('capsnet.data.mnist')
     assert {'train.py', 'subprocess', 'sys.executable'} <= programs_run(
         'gpu_check')

@@ -341,7 +341,7 @@ def conv2d_hwbc(x, W, b, stride=1, method='im2col'):
 
 
 # --------------------------------------------------------------------------
-# Convolution on (N, C, H, W) arrays for the GPU (GPU_CONVOLUTIONS)
+# Convolution on (N, C, H, W) arrays for the GPU (gpu_convolutions)
 # --------------------------------------------------------------------------
 #
 # Without cuDNN, Chainer convolves on the GPU through im2col: the column
@@ -354,8 +354,8 @@ def conv2d_hwbc(x, W, b, stride=1, method='im2col'):
 # gradient a GEMM with a transposed operand, and one copy into col2im's
 # layout backward. Written with the NumPy API and Chainer's im2col / col2im
 # helpers, so the CPU tests check all of it; off until timed on a GPU
-# (benchmark.py --gpu-convolutions; gpu_check.py times both).
-GPU_CONVOLUTIONS = False
+# (benchmark.py --gpu-convolutions; gpu_check.py times both); the model
+# takes it with KernelOptions.gpu_convolutions.
 
 
 class Conv2DNCHW(_Convolution):

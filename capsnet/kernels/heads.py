@@ -10,6 +10,7 @@ import chainer
 from chainer import backend, function_node
 from chainer.utils import type_check
 
+from capsnet.kernels import DEFAULT
 from capsnet.kernels.routing import EPSILON, squash_backward, squash_forward
 
 
@@ -32,8 +33,9 @@ class SquashCapsules(function_node.FunctionNode):
     ``squash(x.reshape(split).transpose(axes).reshape(B, I, K))``.
     """
 
-    def __init__(self, split, axes, capsule_shape):
+    def __init__(self, split, axes, capsule_shape, options=DEFAULT):
         self.split, self.axes = tuple(split), tuple(axes)
+        self.options = options
         self.capsule_shape = tuple(capsule_shape)
 
     def check_type_forward(self, in_types):
@@ -46,11 +48,11 @@ class SquashCapsules(function_node.FunctionNode):
         self.s = xp.ascontiguousarray(
             x.reshape(self.split).transpose(self.axes)).reshape(
                 self.capsule_shape)
-        return squash_forward(self.s),
+        return squash_forward(self.s, self.options),
 
     def backward(self, indexes, grad_outputs):
         xp = backend.get_array_module(self.s)
-        gs = squash_backward(self.s, grad_outputs[0].array)
+        gs = squash_backward(self.s, grad_outputs[0].array, self.options)
         transposed = tuple(self.split[axis] for axis in self.axes)
         inverse = tuple(int(axis) for axis in numpy.argsort(self.axes))
         gx = xp.ascontiguousarray(gs.reshape(transposed).transpose(
@@ -59,9 +61,9 @@ class SquashCapsules(function_node.FunctionNode):
         return chainer.Variable(gx),
 
 
-def squash_capsules(x, split, axes, capsule_shape):
+def squash_capsules(x, split, axes, capsule_shape, options=DEFAULT):
     """(B, I, K) squashed capsules from x, regrouped as in SquashCapsules."""
-    return SquashCapsules(split, axes, capsule_shape).apply((x,))[0]
+    return SquashCapsules(split, axes, capsule_shape, options).apply((x,))[0]
 
 
 class MarginLoss(function_node.FunctionNode):

@@ -16,6 +16,8 @@ import chainer
 from chainer import backend, function_node
 from chainer.utils import type_check
 
+from capsnet.kernels import DEFAULT
+
 EPSILON = 1e-7
 
 
@@ -44,8 +46,7 @@ def _squash_scale(squared):
 # (tests/test_fast_ops.py reads them with NumPy stand-ins); on a GPU
 # tests/test_gpu.py compares them with the NumPy-API forms. Written in a
 # session without a GPU: off until timed on one (benchmark.py --gpu-kernels;
-# gpu_check.py times both).
-GPU_KERNELS = False
+# gpu_check.py times both); KernelOptions.gpu_kernels switches them on.
 
 # ReductionKernels: sums over the given axes (inputs broadcast) of x * y,
 # and of exp(l - m) (the softmax's denominator)
@@ -100,25 +101,26 @@ def _cupy_kernels():
     return Kernels
 
 
-def _kernels_for(xp):
-    """The CuPy kernels where they apply (CuPy arrays, GPU_KERNELS on),
-    else None: the NumPy-API forms."""
-    return _cupy_kernels() if GPU_KERNELS and xp is not numpy else None
+def _kernels_for(xp, options):
+    """The CuPy kernels where they apply (CuPy arrays, options.gpu_kernels
+    on), else None: the NumPy-API forms."""
+    return _cupy_kernels() if options.gpu_kernels and xp is not numpy \
+        else None
 
 
-def squash_forward(s):
+def squash_forward(s, options=DEFAULT):
     """(..., D) -> squashed (..., D), as nets.squash."""
-    kernels = _kernels_for(backend.get_array_module(s))
+    kernels = _kernels_for(backend.get_array_module(s), options)
     if kernels:
         return kernels.squash(kernels.dot(s, s, axis=-1, keepdims=True), s,
                               s.dtype.type(EPSILON))
     return _squash_scale((s * s).sum(axis=-1, keepdims=True)) * s
 
 
-def squash_backward(s, gv):
+def squash_backward(s, gv, options=DEFAULT):
     """Gradient of squash at s for the output gradient gv, both (..., D)."""
     xp = backend.get_array_module(s)
-    kernels = _kernels_for(xp)
+    kernels = _kernels_for(xp, options)
     if kernels:
         return kernels.squash_grad(
             kernels.dot(s, s, axis=-1, keepdims=True),
@@ -134,10 +136,10 @@ def squash_backward(s, gv):
         axis=-1, keepdims=True)
 
 
-def _softmax(logits, axis):
+def _softmax(logits, axis, options=DEFAULT):
     xp = backend.get_array_module(logits)
     top = logits.max(axis=axis, keepdims=True)
-    kernels = _kernels_for(xp)
+    kernels = _kernels_for(xp, options)
     if kernels:
         return kernels.softmax(logits, top, kernels.exp_sum(
             logits, top, axis=axis, keepdims=True))
@@ -146,10 +148,10 @@ def _softmax(logits, axis):
     return e
 
 
-def _softmax_backward(c, g_c, axis, g_more=None):
+def _softmax_backward(c, g_c, axis, g_more=None, options=DEFAULT):
     """Gradient for the logits of c = softmax(logits) given c's gradient
     g_c, plus g_more (the logits' gradient from elsewhere) if given."""
-    kernels = _kernels_for(backend.get_array_module(c))
+    kernels = _kernels_for(backend.get_array_module(c), options)
     if kernels:
         return kernels.softmax_grad(
             c, g_c, kernels.dot(c, g_c, axis=axis, keepdims=True),
@@ -165,37 +167,35 @@ def _softmax_backward(c, g_c, axis, g_more=None):
 # form at the paper's sizes, one core, measured on this project's CPU) and
 # broadcast products with a sum on CuPy (two kernels each, where cupy.einsum
 # spends host time planning and copies u_hat into a matmul layout); True or
-# False forces one (benchmark.py --routing-contraction compares them).
-ROUTING_EINSUM = None
+# False forces one (KernelOptions.einsum; benchmark.py --routing-contraction
+# compares them).
+def _use_einsum(xp, options):
+    return xp is numpy if options.einsum is None else bool(options.einsum)
 
 
-def _use_einsum(xp):
-    return xp is numpy if ROUTING_EINSUM is None else bool(ROUTING_EINSUM)
-
-
-def sum_over_inputs(weights, u_hat):
+def sum_over_inputs(weights, u_hat, options=DEFAULT):
     """sum_i weights[i, b, j] * u_hat[i, b, j, :] -> (B, J, D)."""
     xp = backend.get_array_module(u_hat)
-    if _use_einsum(xp):
+    if _use_einsum(xp, options):
         return xp.einsum('ibj,ibjd->bjd', weights, u_hat)
-    kernels = _kernels_for(xp)
+    kernels = _kernels_for(xp, options)
     if kernels:
         return kernels.dot(weights[..., None], u_hat, axis=0)
     return (weights[..., None] * u_hat).sum(axis=0)
 
 
-def agreement(u_hat, vectors):
+def agreement(u_hat, vectors, options=DEFAULT):
     """<u_hat[i, b, j, :], vectors[b, j, :]> -> (I, B, J)."""
     xp = backend.get_array_module(u_hat)
-    if _use_einsum(xp):
+    if _use_einsum(xp, options):
         return xp.einsum('ibjd,bjd->ibj', u_hat, vectors)
-    kernels = _kernels_for(xp)
+    kernels = _kernels_for(xp, options)
     if kernels:
         return kernels.dot(u_hat, vectors[None], axis=3)
     return (u_hat * vectors).sum(axis=3)
 
 
-def outer_sum(weights, vectors, batched_gemm):
+def outer_sum(weights, vectors, batched_gemm, options=DEFAULT):
     """sum_k weights[k][i, b, j] * vectors[k][b, j, :] -> (I, B, J, D).
 
     Args:
@@ -209,7 +209,7 @@ def outer_sum(weights, vectors, batched_gemm):
     if batched_gemm:
         return xp.matmul(xp.stack(weights, axis=-1)[..., None, :],
                          xp.stack(vectors, axis=-2))[..., 0, :]
-    kernels = _kernels_for(xp)
+    kernels = _kernels_for(xp, options)
     if kernels:
         pairs = []
         for w, vector in zip(weights, vectors):
@@ -234,8 +234,9 @@ class DigitCapsules(function_node.FunctionNode):
     sixty small ones, each with Chainer's per-function overhead).
     """
 
-    def __init__(self, n_iterations):
+    def __init__(self, n_iterations, options=DEFAULT):
         self.n_iterations = n_iterations
+        self.options = options
 
     def check_type_forward(self, in_types):
         type_check.expect(in_types.size() >= 2, in_types.size() <= 3)
@@ -250,6 +251,7 @@ class DigitCapsules(function_node.FunctionNode):
         xp = backend.get_array_module(u)
         n_in, n_out, dim_out, dim_in = W.shape
         batch = u.shape[0]
+        options = self.options
         u_t = xp.ascontiguousarray(u.transpose(1, 0, 2))         # (I, B, K)
         W_t = xp.ascontiguousarray(W.transpose(0, 3, 1, 2)).reshape(
             n_in, dim_in, n_out * dim_out)                        # (I, K, JD)
@@ -263,25 +265,25 @@ class DigitCapsules(function_node.FunctionNode):
                 c = xp.full((n_in, batch, n_out),
                             u.dtype.type(1) / u.dtype.type(n_out), u.dtype)
             else:
-                c = _softmax(logits, axis=2)
-            s = sum_over_inputs(c, u_hat)
+                c = _softmax(logits, axis=2, options=options)
+            s = sum_over_inputs(c, u_hat, options)
             if bias is not None:
                 s += bias
-            v = squash_forward(s)
+            v = squash_forward(s, options)
             self.c.append(c)
             self.s.append(s)
             self.v.append(v)
             if iteration < self.n_iterations - 1:
                 if logits is None:
-                    logits = agreement(u_hat, v)
+                    logits = agreement(u_hat, v, options)
                 else:
-                    logits += agreement(u_hat, v)
+                    logits += agreement(u_hat, v, options)
         self.u_t, self.W_t, self.u_hat = u_t, W_t, u_hat
         self.coupling = c.transpose(1, 0, 2)
         return v,
 
     def backward(self, indexes, grad_outputs):
-        u_hat = self.u_hat
+        u_hat, options = self.u_hat, self.options
         xp = backend.get_array_module(u_hat)
         # g_u_hat[i, b, j, :] = sum_k weights_k[i, b, j] * vectors_k[b, j, :],
         # summed at the end in one pass over u_hat's size
@@ -296,20 +298,21 @@ class DigitCapsules(function_node.FunctionNode):
             else:
                 # v_r only reaches the loss through logits_{r+1} = logits_r
                 # + <u_hat, v_r>
-                gv = sum_over_inputs(g_logits_next, u_hat)
+                gv = sum_over_inputs(g_logits_next, u_hat, options)
                 weights.append(g_logits_next)
                 vectors.append(self.v[r])
-            gs = squash_backward(self.s[r], gv)
+            gs = squash_backward(self.s[r], gv, options)
             if 2 in indexes:
                 g_bias = g_bias + gs.sum(axis=0)
             weights.append(self.c[r])
             vectors.append(gs)
             if r > 0:   # the first logits are constant zeros
                 g_logits_next = _softmax_backward(
-                    self.c[r], agreement(u_hat, gs), 2, g_logits_next)
+                    self.c[r], agreement(u_hat, gs, options), 2,
+                    g_logits_next, options)
         n_in, batch, n_out, dim_out = u_hat.shape
         dim_in = self.u_t.shape[2]
-        g_u_hat = outer_sum(weights, vectors, batched_gemm=xp is numpy)
+        g_u_hat = outer_sum(weights, vectors, xp is numpy, options)
         g_flat = g_u_hat.reshape(n_in, batch, n_out * dim_out)
         grads = {}
         if 0 in indexes:
@@ -327,13 +330,14 @@ class DigitCapsules(function_node.FunctionNode):
                      for i in indexes)
 
 
-def digit_capsules(u, W, n_iterations, bias=None):
+def digit_capsules(u, W, n_iterations, bias=None, options=DEFAULT):
     """(B, I, K) primary capsules -> v (B, J, D), last coupling c (B, I, J).
 
     Same result as ``nets.dynamic_routing(nets.prediction_vectors(u, W),
     n_iterations, bias)``; c is returned as an array (it carries no
     gradient). ``bias``: None, or b_j (J, D) added to s_j every iteration.
+    ``options``: the KernelOptions (CuPy kernels, einsum).
     """
-    node = DigitCapsules(n_iterations)
+    node = DigitCapsules(n_iterations, options)
     v, = node.apply((u, W) if bias is None else (u, W, bias))
     return v, node.coupling
