@@ -67,9 +67,9 @@ def _communicator(name, device_spec):
             import cupy  # noqa: F401
         except ImportError:
             cli.fail('--communicator {} with --device {} needs CuPy, which '
-                     'is not installed; pip install cupy-cudaXXx (your CUDA '
-                     'version, see docs/gpu.md), or train on the CPU with '
-                     '--communicator naive and no --device'.format(
+                     'is not installed; install CuPy with the CUDA libraries '
+                     'for your driver (README.md, Install), or train on the '
+                     'CPU with --communicator naive and no --device'.format(
                          name, device_spec))
     try:
         import mpi4py
@@ -396,9 +396,10 @@ def check_snapshot_ranks(path, size):
         'the snapshots in {} were made by {} process{}{} and this run has '
         '{}; resume it with {}, or start a fresh run in another --out'
         .format(folder, made, 'es' if made > 1 else '',
-                ' (rank folders rank1 to rank{})'.format(made - 1)
-                if made > 1 else '', size if size > 1 else 'one (no MPI)',
-                how))
+                ' (rank folder{} rank1{})'.format(
+                    's' if made > 2 else '', ' to rank{}'.format(made - 1)
+                    if made > 2 else '') if made > 1 else '',
+                size if size > 1 else 'one (no MPI)', how))
 
 
 class MultiNodeExactEvaluator(ext.ExactEvaluator):
