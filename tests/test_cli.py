@@ -8,6 +8,7 @@ import pytest
 from capsnet import cli
 import evaluate
 import experiments
+import export
 import predict
 import train
 import visualize
@@ -21,6 +22,76 @@ PARSERS = {
     'experiments.py': (experiments.build_parser,
                        ['table1', '--epoch', '1', '--out', 'o']),
 }
+
+# every tool, for the help tests (export.py has no device flags)
+TOOLS = dict(PARSERS, **{'export.py': (export.build_parser,
+                                       ['--load', 'm', '--onnx', 'o'])})
+
+
+@pytest.mark.parametrize('tool', sorted(TOOLS))
+def test_help_shows_the_defaults_that_mean_something(tool):
+    build, required = TOOLS[tool]
+    parser = build()
+    parsers = [parser]
+    if tool == 'experiments.py':
+        parsers += list(parser._subparsers._group_actions[0].choices
+                        .values())
+    for p in parsers:
+        text = ' '.join(p.format_help().split())
+        for bad in ('default: None', 'default: False', 'default: True',
+                    'default: []'):
+            assert bad not in text, (tool, p.prog, bad)
+        for action in p._actions:
+            default = action.default
+            if not action.option_strings or default is None or \
+                    isinstance(default, bool) or default == '' or \
+                    default == argparse.SUPPRESS:
+                continue
+            help_text = ' '.join(
+                p._get_formatter()._expand_help(action).split())
+            assert 'default' in help_text.lower(), (p.prog, action.dest)
+            if 'default' not in (action.help or '').lower():
+                assert '(default: {})'.format(default) in help_text
+
+
+def test_the_help_formatter_leaves_out_empty_defaults():
+    parser = cli.ArgumentParser(prog='tool')
+    parser.add_argument('--rate', type=float, default=0.25, help='a rate')
+    parser.add_argument('--name', default=None, help='a name')
+    parser.add_argument('--flag', action='store_true', help='a flag')
+    parser.add_argument('--size', default=8, help='a size (default 8)')
+    parser.add_argument('--count', default=3, help='a count')
+    parser.add_argument('files', nargs='*', help='files')
+    text = ' '.join(parser.format_help().split())
+    assert '--rate RATE a rate (default: 0.25)' in text
+    assert '--name NAME a name --flag a flag' in text
+    assert 'a size (default 8) --count COUNT a count (default: 3)' in text
+    assert text.count('default') == 3
+
+
+class FakeTerminal:
+    def isatty(self):
+        return True
+
+
+class Broken:
+    def isatty(self):
+        raise ValueError('I/O operation on closed file')
+
+
+@pytest.mark.parametrize('stream, expected', [
+    (FakeTerminal(), True), (Broken(), False), (object(), False)])
+def test_interactive_is_true_only_on_a_terminal(stream, expected):
+    assert cli.interactive(stream) is expected
+
+
+def test_interactive_defaults_to_stdout(monkeypatch):
+    import io
+    import sys
+    monkeypatch.setattr(sys, 'stdout', io.StringIO())
+    assert cli.interactive() is False
+    monkeypatch.setattr(sys, 'stdout', FakeTerminal())
+    assert cli.interactive() is True
 
 
 @pytest.mark.parametrize('parse, text, what', [
