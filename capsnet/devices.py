@@ -1,6 +1,7 @@
 """Running a model on a device: the tools' device choice (``--device``),
 inference over many batches, and copying results back to NumPy."""
 import contextlib
+import glob
 import os
 
 import numpy
@@ -53,15 +54,37 @@ def select_device(args, status=1, keep_freed_memory=True):
     return device
 
 
-def device_failure(spec, error):
+def machine_has_gpu():
+    """True when the machine has an NVIDIA GPU device file (/dev/nvidia0,
+    ...): the kernel driver sees a GPU, whatever CUDA says."""
+    return bool(glob.glob('/dev/nvidia[0-9]*'))
+
+
+#: CUDA's answers when it finds no usable GPU: with no /dev/nvidia* either,
+#: there is no GPU at all, and a newer driver would not help
+NO_GPU_ERRORS = ('cudaErrorNoDevice', 'cudaErrorInsufficientDriver')
+
+
+def device_failure(spec, error, gpu_present=None):
     """The one line for a device Chainer could not set up: a wrong device
-    name or number points at --device, a CUDA error of the machine (no
-    driver, a driver older than CuPy's CUDA, no GPU) at the driver."""
+    name or number points at --device; a CUDA error of the machine (no
+    driver, a driver older than CuPy's CUDA) at the driver, unless the
+    machine has no NVIDIA GPU at all: then it says so.
+
+    gpu_present: whether the machine has a GPU (None: look, see
+    ``machine_has_gpu``)."""
     text = ' '.join(str(error).split()) or type(error).__name__
     if 'cudaError' in text and 'cudaErrorInvalidDevice' not in text:
-        fix = ('the GPU or its driver cannot be used: install an NVIDIA '
-               "driver recent enough for your CuPy's CUDA version (README.md, "
-               'Install) or run on the CPU with -d @numpy')
+        if gpu_present is None:
+            gpu_present = machine_has_gpu()
+        if not gpu_present and any(e in text for e in NO_GPU_ERRORS):
+            fix = ('no NVIDIA GPU found on this machine (no /dev/nvidia* '
+                   'device): run on the CPU with -d @numpy, or on a machine '
+                   'with an NVIDIA GPU')
+        else:
+            fix = ('the GPU or its driver cannot be used: install an NVIDIA '
+                   "driver recent enough for your CuPy's CUDA version "
+                   '(README.md, Install) or run on the CPU with -d @numpy')
     else:
         fix = 'check --device/-d'
     return 'cannot use device {}: {}; {}'.format(spec, text, fix)

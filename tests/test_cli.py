@@ -189,3 +189,31 @@ def test_an_unusable_model_file_is_one_line(
     assert out == ''
     assert str(path) in one_error_line(err)
     assert not (tmp_path / 'out').exists()
+
+
+class CUDARuntimeError(RuntimeError):
+    """Named as CuPy's; its text is what cupy raises."""
+
+
+@pytest.mark.parametrize('text', [
+    'cudaErrorInsufficientDriver: CUDA driver version is insufficient for '
+    'CUDA runtime version',
+    'cudaErrorNoDevice: no CUDA-capable device is detected'])
+def test_no_gpu_at_all_is_said_instead_of_a_driver_update(text,
+                                                          monkeypatch):
+    from capsnet import devices
+    error = CUDARuntimeError(text)
+    line = devices.device_failure('@cupy:0', error, gpu_present=False)
+    assert line.startswith('cannot use device @cupy:0: ' + text + '; ')
+    assert 'no NVIDIA GPU found' in line and '-d @numpy' in line
+    assert 'driver' not in line.rpartition('; ')[2]
+    # with a GPU device file, the driver is to blame
+    assert 'install an NVIDIA driver' in devices.device_failure(
+        '@cupy:0', error, gpu_present=True)
+    # by default it looks for /dev/nvidia*
+    monkeypatch.setattr(devices.glob, 'glob', lambda pattern: [])
+    assert 'no NVIDIA GPU found' in devices.device_failure('@cupy:0', error)
+    monkeypatch.setattr(devices.glob, 'glob',
+                        lambda pattern: ['/dev/nvidia0'])
+    assert 'install an NVIDIA driver' in devices.device_failure('@cupy:0',
+                                                                error)
