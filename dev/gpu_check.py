@@ -30,6 +30,10 @@ as it exists (so an interrupted check keeps what it measured):
    error, and per batch size whether our fastest training variant reaches
    PyTorch eager's samples/s (issue 10's target).
 
+The device is GPU 0 (``-d @cupy:0``) unless -d says otherwise. Without
+CuPy, or where CuPy reaches no GPU, the check stops at once, before any
+step, with one line saying why (status 1).
+
 ``--dry-run`` does the same on the CPU at toy sizes (the GPU tests run with
 CAPSNET_TEST_DEVICE=@numpy, the training on 300 examples): a check of this
 script itself, not a measurement.
@@ -86,7 +90,8 @@ def parse_args(argv=None):
     parser.add_argument('--max-epochs', type=cli.positive_int, default=50,
                         help='never train longer than this')
     parser.add_argument('--dry-run', action='store_true',
-                        help='on the CPU at toy sizes: tests this script')
+                        help='on the CPU (-d @numpy) at toy sizes: tests '
+                        'this script, no GPU needed')
     args = parser.parse_args(argv)
     try:
         args.batchsizes = [cli.positive_int(b)
@@ -593,8 +598,51 @@ def speed_verdicts(benchmark, columns):
     return lines
 
 
+CUPY_INSTALL = ('pip install "cupy-cuda13x[ctk]" for CUDA 13 or '
+                '"cupy-cuda12x[ctk]" for CUDA 12 (README.md, Install)')
+# run in a child process, so that this one holds no CUDA context while the
+# steps measure: prints nothing when the device works, else its one line
+DEVICE_PROBE = """
+import sys, types
+sys.path.insert(0, {root!r})
+from capsnet import compat, devices
+from capsnet.errors import CapsNetError
+try:
+    devices.select_device(types.SimpleNamespace(device={device!r}))
+except CapsNetError as e:
+    print(' '.join(str(e).split()))
+    sys.exit(1)
+"""
+
+
+def gpu_problem(device, timeout=120):
+    """None when ``device`` (a @cupy:N specifier) works here, else one line
+    saying why not (CuPy missing, no GPU, an old driver): checked before
+    any step, in a few seconds. A CPU device has nothing to check."""
+    if 'cupy' not in device:
+        return None
+    if importlib.util.find_spec('cupy') is None:
+        return ('CuPy is not installed, so there is no GPU to check; {}; '
+                'or check this script on the CPU with --dry-run'.format(
+                    CUPY_INSTALL))
+    try:
+        probe = subprocess.run(
+            [sys.executable, '-c', DEVICE_PROBE.format(
+                root=os.path.dirname(HERE), device=device)],
+            capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 'setting up {} took over {} s'.format(device, timeout)
+    if probe.returncode == 0:
+        return None
+    return last_line(probe.stdout) or last_line(probe.stderr) or \
+        'cannot use {} (status {})'.format(device, probe.returncode)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    problem = gpu_problem(args.device)
+    if problem:
+        cli.fail('gpu_check.py needs a working GPU: {}'.format(problem))
     check = Check(args)
     try:
         check.environment()

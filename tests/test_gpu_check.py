@@ -230,3 +230,63 @@ def test_training_takes_the_fastest_variant_only_when_tested(row, steps,
     assert tag == chosen
     assert flags == dict(gpu_check.GPU_VARIANTS).get(tag, [])
     assert why in reason
+
+
+@pytest.mark.skipif(importlib.util.find_spec('cupy') is not None,
+                    reason='CuPy is installed here')
+def test_without_cupy_it_stops_at_once_with_one_line(tmp_path):
+    start = time.monotonic()
+    result = run_check('--data-dir', tmp_path, '--out', tmp_path / 'o')
+    assert time.monotonic() - start < 30   # no step ran (they take 75 s)
+    line = assert_one_error(result, 'needs a working GPU',
+                            'CuPy is not installed', 'pip install',
+                            '--dry-run', status=1)
+    assert 'test' not in line.lower().replace('--dry-run', '')
+    assert result.stdout == ''
+    assert not (tmp_path / 'o').exists()
+
+
+class Finished:
+    def __init__(self, returncode, stdout='', stderr=''):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, \
+            stderr
+
+
+def test_a_gpu_cupy_cannot_reach_is_said_before_any_step(monkeypatch):
+    monkeypatch.setattr(gpu_check.importlib.util, 'find_spec',
+                        lambda name: object())   # as if CuPy were there
+    line = ('cannot use device @cupy:0: cudaErrorNoDevice: no CUDA-capable '
+            'device is detected; no NVIDIA GPU found on this machine')
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return Finished(1, stdout=line + '\n')
+    monkeypatch.setattr(gpu_check.subprocess, 'run', fake_run)
+    assert gpu_check.gpu_problem('@cupy:0') == line
+    assert "'@cupy:0'" in calls[0][-1]     # the probe sets up that device
+    monkeypatch.setattr(gpu_check.subprocess, 'run',
+                        lambda command, **kwargs: Finished(0))
+    assert gpu_check.gpu_problem('@cupy:0') is None
+    assert gpu_check.gpu_problem('@numpy') is None   # nothing to check
+
+
+def test_help_names_the_gpu_as_the_default_device():
+    parser_help = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'dev/gpu_check.py'), '--help'],
+        cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    text = ' '.join(parser_help.split())
+    assert '(default: @cupy:0)' in text
+    assert 'the CPU, the default' not in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec('cupy') is not None,
+                    reason='CuPy is installed here')
+def test_the_device_probe_reports_select_devices_line(monkeypatch):
+    """The real probe process, where Chainer cannot use CuPy: its line is
+    devices.select_device's."""
+    monkeypatch.setattr(gpu_check.importlib.util, 'find_spec',
+                        lambda name: object())
+    problem = gpu_check.gpu_problem('@cupy:0')
+    assert problem.startswith('@cupy:0 needs CuPy with a working CUDA GPU')
+    assert '-d @numpy' in problem
