@@ -12,6 +12,7 @@ units and routing are compared at rtol 1e-4, whole networks (convolutions
 summing 20,736 products per output) at rtol 1e-3. Gradient checks run in
 float64 on the device itself.
 """
+import functools
 import json
 import os
 import subprocess
@@ -500,3 +501,129 @@ def test_benchmark_on_device_prints_its_json_line(gpu_device):
     if gpu_device.xp is not numpy:
         assert line['peak_gpu_mb'] > 0 and line['gpu']
         assert line['train_back_to_back_samples_per_s'] > 0
+
+
+# -- the static step and its CUDA graph (capsnet/training/static_step.py) --
+#
+# Tolerances: the graph replays the kernels of the static step's eager run
+# on the same device, so the two are compared at rtol 1e-6 (equal unless a
+# kernel is not deterministic); against today's updater (Chainer's Adam
+# kernel, whose expression the compiler may contract differently) over 50
+# Adam steps at rtol 1e-3, atol 1e-4. On NumPy (the dry run) all are equal
+# bit for bit, and what needs CuPy is skipped.
+SAME_KERNELS = dict(rtol=1e-6, atol=1e-7)
+ADAM_STEPS = dict(rtol=1e-3, atol=1e-4)
+
+
+def static_trainer(gpu_device, out, **options):
+    from test_static_step import make_trainer
+    return make_trainer('paper', options.pop('static', True), out,
+                        device=gpu_device, **options)
+
+
+def trained_state(gpu_device, out, **options):
+    from test_static_step import state
+    trainer, model, optimizer = static_trainer(gpu_device, out, **options)
+    trainer.run(show_loop_exception_msg=False)
+    return trainer, {key: to_cpu(value) for key, value in
+                     state(model, optimizer).items()}
+
+
+def assert_states_close(first, second, tolerance):
+    assert first.keys() == second.keys()
+    for key in first:
+        numpy.testing.assert_allclose(first[key], second[key], err_msg=key,
+                                      **tolerance)
+
+
+def test_cuda_graph_replay_matches_the_eager_steps(gpu_device, tmp_path):
+    _, today = trained_state(gpu_device, tmp_path / 'today', static=False)
+    _, eager = trained_state(gpu_device, tmp_path / 'eager')
+    trainer, graph = trained_state(gpu_device, tmp_path / 'graph',
+                                   cuda_graph=True)
+    assert_states_close(graph, eager, SAME_KERNELS)
+    assert_states_close(graph, today, ADAM_STEPS)
+    if gpu_device.xp is numpy:
+        pytest.skip('the CUDA graph itself needs CuPy')
+    updater = trainer.updater
+    assert updater.graph_failed is None and updater.graph.graph is not None
+
+
+def test_resume_into_a_graph_run(gpu_device, tmp_path):
+    """A snapshot at step 23 of an eager run, loaded into a graph run and
+    continued to 50: the uninterrupted graph run."""
+    _, uninterrupted = trained_state(gpu_device, tmp_path / 'u',
+                                     cuda_graph=True)
+    first, _, _ = static_trainer(gpu_device, tmp_path / 'a', stop=23)
+    first.run(show_loop_exception_msg=False)
+    path = str(tmp_path / 'snapshot.npz')
+    chainer.serializers.save_npz(path, first)
+    trainer, model, optimizer = static_trainer(gpu_device, tmp_path / 'b',
+                                               cuda_graph=True)
+    chainer.serializers.load_npz(path, trainer)
+    trainer.run(show_loop_exception_msg=False)
+    from test_static_step import state
+    assert_states_close({key: to_cpu(value) for key, value in
+                         state(model, optimizer).items()}, uninterrupted,
+                        SAME_KERNELS)
+    if gpu_device.xp is not numpy:
+        assert trainer.updater.graph.graph is not None
+
+
+def test_capture_failure_falls_back_in_one_line(gpu_device, tmp_path,
+                                                monkeypatch):
+    if gpu_device.xp is numpy:
+        pytest.skip('a capture needs CuPy')
+    from capsnet.training import static_step
+    capture = static_step.CudaGraph.capture
+    streams = []
+
+    def failing(self, function):
+        streams.append(self.stream)
+
+        def inside():
+            raise RuntimeError('made to fail inside the capture')
+        return capture(self, inside)
+
+    monkeypatch.setattr(static_step.CudaGraph, 'capture', failing)
+    _, eager = trained_state(gpu_device, tmp_path / 'eager')
+    said = []
+    trainer, model, optimizer = static_trainer(
+        gpu_device, tmp_path / 'graph', cuda_graph=True)
+    trainer.updater.say = said.append
+    trainer.run(show_loop_exception_msg=False)
+    assert len(said) == 1 and 'made to fail inside the capture' in said[0]
+    assert said[0].startswith('--cuda-graph: the capture failed')
+    assert len(streams) == 1 and not streams[0].is_capturing()
+    from test_static_step import state
+    assert_states_close({key: to_cpu(value) for key, value in
+                         state(model, optimizer).items()}, eager,
+                        SAME_KERNELS)
+
+
+def test_static_evaluator_matches_the_exact_evaluator(gpu_device):
+    """10 examples in batches of 4: two full batches (warm-up, then the
+    capture on the second pass) and a short last one, run eagerly."""
+    from capsnet.training import extensions as ext
+    from capsnet.training import static_step
+    from test_static_step import dataset, small_capsnet
+    model = small_capsnet()
+    model.to_device(gpu_device)
+    results = []
+    for evaluator in (ext.ExactEvaluator, functools.partial(
+            static_step.StaticEvaluator, cuda_graph=True)):
+        iterator = chainer.iterators.SerialIterator(
+            dataset(), 4, repeat=False, shuffle=False)
+        target = evaluator(iterator, model, device=gpu_device)
+        passes = [target() for _ in range(3)]
+        results.append([{key: float(getattr(value, 'array', value))
+                         for key, value in means.items()}
+                        for means in passes])
+    exact, static = results
+    for a, b in zip(exact, static):
+        assert a.keys() == b.keys()
+        assert any(key.endswith('main/accuracy') for key in a)
+        for key in a:
+            numpy.testing.assert_allclose(b[key], a[key], rtol=1e-5)
+    if gpu_device.xp is not numpy:
+        assert target.graph.graph is not None and target.failed is None
