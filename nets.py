@@ -25,6 +25,7 @@ import chainer.links as L
 from chainer import backend, reporter
 
 from capsnet import kernels
+from capsnet.errors import CapsNetError
 from capsnet.kernels import convolution, heads, routing
 
 EPSILON = 1e-7
@@ -516,6 +517,10 @@ class CapsNet(chainer.Chain):
             return heads.squared_error(reconstruction, x)
         return reconstruction_loss(reconstruction, x)
 
+    def inference_bytes_per_example(self):
+        """Rough bytes one example takes in an inference pass."""
+        return bytes_per_example(self.arch, self.options, training=False)
+
     def inference(self):
         """Context for inference over many batches with fixed weights."""
         if self._hwbc_convolutions():
@@ -712,6 +717,10 @@ class BaselineCNN(chainer.Chain):
         if self.fast is None:
             return self.xp is numpy
         return self.fast
+
+    def inference_bytes_per_example(self):
+        """Rough bytes one example takes in an inference pass."""
+        return bytes_per_example(self.arch, self.options, training=False)
 
     def inference(self):
         """Context for inference over many batches with fixed weights."""
@@ -986,5 +995,68 @@ ARCHITECTURES = {'capsnet': CapsNet, 'baseline': BaselineCNN,
 SINGLE_DIGIT_ARCHITECTURES = ('baseline', 'capsnet')
 
 
+def build(arch, recipe='paper', **options):
+    """The network ``arch`` of ``ARCHITECTURES`` with ``options``; a CapsNet
+    also takes the recipe's points (``RECIPES``). A CapsNetError names an
+    option the network cannot take."""
+    network = ARCHITECTURES[arch]
+    if issubclass(network, CapsNet):
+        options = dict(RECIPES[recipe], **options)
+    try:
+        return network(**options)
+    except ValueError as e:
+        raise CapsNetError(str(e))
+
+
+# --------------------------------------------------------------------------
+# Model arithmetic: parameter counts and memory, from the shapes alone
+# --------------------------------------------------------------------------
+
 def count_parameters(model):
+    """Parameters of a built network."""
     return sum(p.size for p in model.params())
+
+
+def _capsnet_shapes(options):
+    """(parameters, primary capsules I) of a CapsNet's options."""
+    side = options.get('input_size', 28)
+    grid = primary_grid(side)
+    n_primary = N_PRIMARY_TYPES * grid * grid
+    params = (256 * 81 + 256 * 256 * 81 + 10 * 16 * 8 *
+              (N_PRIMARY_TYPES if options.get('share_weights') else
+               n_primary))
+    if options.get('reconstruct', True):
+        params += 160 * 512 + 512 * 1024 + 1024 * side * side
+    return params, n_primary
+
+
+def bytes_per_example(arch, options, training=True):
+    """Rough bytes one example's activations take in a training step
+    (forward and backward) or an inference pass, from the shapes alone."""
+    side = options.get('input_size', 28)
+    if arch.startswith('capsnet'):
+        _, n_primary = _capsnet_shapes(options)
+        if training:
+            return 4 * (8 * n_primary * 160 + 3 * 256 * (side - 8) ** 2 +
+                        2 * side * side)
+        return 4 * (3 * n_primary * 160 + 2 * 256 * (side - 8) ** 2 +
+                    2 * side * side)
+    return 4 * 3 * (256 + 256 + 128 + 1) * side * side
+
+
+def memory_estimate(arch, options, batchsize, eval_batchsize, memory=None,
+                    inference_share=0.25):
+    """Rough bytes a training run needs (parameters with their gradients and
+    Adam's two moments, one step's activations and one evaluation batch's,
+    the latter at most ``inference_share`` of ``memory``: a larger one is
+    evaluated in chunks), from the shapes alone: nothing is allocated."""
+    side = options.get('input_size', 28)
+    if arch.startswith('capsnet'):
+        params, _ = _capsnet_shapes(options)
+    else:
+        params = 128 * side * side * 328 + 256 * 256 * 25 + 256 * 128 * 25
+    evaluation = bytes_per_example(arch, options) // 2 * eval_batchsize
+    if memory:
+        evaluation = min(evaluation, int(memory * inference_share))
+    return 16 * params + bytes_per_example(arch, options) * batchsize + \
+        evaluation

@@ -107,15 +107,23 @@ def physical_memory():
 
 
 def inference_bytes_per_example(model):
-    """Rough bytes one example takes in an inference pass of ``model``."""
-    side = model.input_size
-    if model.arch == 'capsnet':
-        return 4 * (3 * model.n_primary * 160 + 2 * 256 * (side - 8) ** 2 +
-                    2 * side * side)
-    return 4 * 3 * (256 + 256 + 128 + 1) * side * side
+    """Rough bytes one example takes in an inference pass of ``model`` (the
+    network's own arithmetic: nets.bytes_per_example)."""
+    return model.inference_bytes_per_example()
 
 
 INFERENCE_SHARE = 0.25  # of the machine's memory, for one inference chunk
+
+
+def check_memory(need, configuration, fix):
+    """CapsNetError when ``need`` bytes (nets.memory_estimate) exceed this
+    machine's memory: refused up front, naming the configuration and the
+    fix, instead of failing an allocation later."""
+    have = physical_memory()
+    if have and need > have:
+        cli.fail('this configuration needs about {:.1f} GB of memory ({}) '
+                 'and the machine has {:.1f} GB; {}'.format(
+                     need / 1e9, configuration, have / 1e9, fix))
 
 
 def device_memory(model):

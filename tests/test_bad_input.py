@@ -579,8 +579,8 @@ def test_train_resume_of_a_folder(mnist_dir, tmp_path, holds):
         hint = '(the newest there is {}), or continue with --out {} ' \
                '--autoload'.format(folder / 'snapshot_epoch_2', folder)
     assert_one_error(run('train.py', '--data-dir', mnist_dir, '--train-size',
-                         '10', '--test-size', '10', '-o', tmp_path / 'out',
-                         '--resume', folder),
+                         '10', '--test-size', '10', '-b', '10', '-o',
+                         tmp_path / 'out', '--resume', folder),
                      '--resume {} is a folder; pass a snapshot file {}'.format(
                          folder, hint), status=1)
 
@@ -637,15 +637,16 @@ def test_an_unreadable_model_file(fresh_model_path, monkeypatch, run_tool):
 
 def test_an_unreadable_snapshot(mnist_dir, tmp_path, monkeypatch, run_tool):
     import train
+    from capsnet.training import snapshots
     snapshot = tmp_path / 'snapshot_epoch_1'
     snapshot.write_bytes(b'x')
 
     def denied(path, mode='r'):
         raise PermissionError(13, 'Permission denied', path)
-    monkeypatch.setattr(train, 'open', denied, raising=False)
+    monkeypatch.setattr(snapshots, 'open', denied, raising=False)
     status, _, err = run_tool(train.main, [
         '--data-dir', mnist_dir, '--train-size', '10', '--test-size', '10',
-        '-o', tmp_path / 'out', '--resume', snapshot])
+        '-b', '10', '-o', tmp_path / 'out', '--resume', snapshot])
     assert status == 1
     assert err == 'error: cannot read snapshot {} (Permission denied); ' \
         'check its permissions\n'.format(snapshot)

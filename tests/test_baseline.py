@@ -10,6 +10,7 @@ import chainer
 from capsnet import files
 import nets
 import train
+from capsnet.training import loop
 from conftest import both_paths
 
 PAPER_COUNT = 35445522  # the docstring's sum, checked term by term below
@@ -139,11 +140,11 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_train_flags_build_the_baseline():
-    args = train.build_parser().parse_args(['--arch', 'baseline'])
-    assert args.arch == 'baseline'
-    assert train.model_options(args) == dict(input_size=28)
-    args.input_size = 12  # small; the flag itself refuses sizes below 28
-    m = train.build_model(args)
+    settings = train.parse_settings(['--arch', 'baseline'])
+    assert settings.arch == 'baseline'
+    assert settings.model_options() == dict(input_size=28)
+    settings.input_size = 12  # small; the flag itself refuses sizes below 28
+    m = nets.build(settings.arch, settings.recipe, **settings.model_options())
     assert isinstance(m, nets.BaselineCNN)
     assert m.options['input_size'] == 12
 
@@ -154,7 +155,7 @@ def test_train_end_to_end(tmp_path, monkeypatch, mnist_dir):
     # snapshot (parameters and Adam's two moments, ~400 MB compressed)
     # ~10 s: keep the run tiny and skip the snapshot, which is train.py's
     # business and independent of the network.
-    monkeypatch.setattr(train.extensions, 'snapshot',
+    monkeypatch.setattr(loop.extensions, 'snapshot',
                         lambda *a, **k: (lambda trainer: None))
     train.main(['--arch', 'baseline', '--data-dir', mnist_dir,
                 '--train-size', '10', '--test-size', '10',

@@ -24,6 +24,9 @@ import nets
 from capsnet.errors import CapsNetError
 import predict
 import train
+from capsnet import devices
+from capsnet.training import loop, plots, snapshots
+from capsnet.training.settings import Settings
 from capsnet.training import extensions as ext
 import visualize
 from conftest import MNIST_DIR as MNIST
@@ -110,7 +113,7 @@ def test_train_on_a_disk_that_fills_keeps_the_last_epoch(
     else:
         assert not (out / lost).exists()
     assert leftovers(str(out)) == []
-    assert train.readable_snapshot(str(first)) is None
+    assert snapshots.readable_snapshot(str(first)) is None
 
 
 @pytest.mark.slow
@@ -141,13 +144,10 @@ def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
 
 
 def plot_once(out, value):
-    """One AtomicPlotReport('loss.png') call, as the trainer makes it."""
-    report = ext.AtomicPlotReport(['main/loss'], 'epoch',
-                                                  file_name='loss.png')
-    report(types.SimpleNamespace(
-        observation={'main/loss': value}, is_before_training=True,
-        out=str(out), updater=types.SimpleNamespace(
-            epoch=1, iteration=3, epoch_detail=1.0, is_new_epoch=True)))
+    """One LossPlot('loss.png') call, as the trainer makes it."""
+    log = types.SimpleNamespace(log=[{'epoch': 1, 'main/loss': value}])
+    plots.LossPlot(keys=['main/loss'], log_report=log)(
+        types.SimpleNamespace(out=str(out)))
 
 
 def test_plots_on_a_full_disk_keep_the_previous_png(tmp_path, monkeypatch):
@@ -176,11 +176,13 @@ def test_train_writes_its_plots_atomically():
     from chainer.training import extensions
     added = []
     trainer = types.SimpleNamespace(extend=lambda e, **kw: added.append(e))
-    train.add_reports(trainer, types.SimpleNamespace(no_progress=True),
-                      types.SimpleNamespace(reconstruct=False), None)
-    plots = [e for e in added if isinstance(e, extensions.PlotReport)]
-    assert len(plots) == 2 and all(
-        isinstance(e, ext.AtomicPlotReport) for e in plots)
+    loop.add_reports(trainer, Settings(no_progress=True),
+                     types.SimpleNamespace(reconstruct=False, arch='capsnet'),
+                     {'test': None})
+    drawn = [e for e in added if isinstance(e, plots.EpochPlot)]
+    assert sorted(e.file_name for e in drawn) == [
+        'accuracy.png', 'error.png', 'loss.png']
+    assert not any(isinstance(e, extensions.PlotReport) for e in added)
 
 
 def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
@@ -225,7 +227,7 @@ def test_a_truncated_model_file_is_closed(fresh_model_path, tmp_path, cut):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         for load in (lambda p: files.load_model(p, nets.ARCHITECTURES),
-                     train.readable_snapshot):
+                     snapshots.readable_snapshot):
             try:
                 load(str(path))
             except files.ModelFileError:
@@ -238,13 +240,13 @@ def test_a_truncated_model_file_is_closed(fresh_model_path, tmp_path, cut):
 def test_final_json_errors_are_counted(tmp_path):
     """final.json's errors come from counts: 59 of 10000 is 0.0059, not
     1 - float32 accuracy = 0.005900013446807861."""
-    args = train.build_parser().parse_args(['-o', str(tmp_path)])
+    settings = train.parse_settings(['-o', str(tmp_path)])
     final = ext.FinalReport('test/main/accuracy')
     final.history = [(1, float(numpy.float32(0.9912))),
                      (2, float(numpy.float32(0.9941))),
                      (3, float(numpy.float32(0.9937)))]
-    train.write_summary(args, types.SimpleNamespace(options={}), 1,
-                        (60000, 10000), None, final)
+    loop.finish(settings, nets.CapsNet(routing=1, reconstruct=False), final,
+                (60000, 0, 10000), 1, log=lambda line: None)
     text = (tmp_path / 'final.json').read_text()
     summary = json.loads(text)
     assert summary['final_test_errors'] == 63
@@ -308,7 +310,7 @@ def test_train_interrupted_is_one_line_and_resumable(tmp_path, signum,
         'error: interrupted; resume with --autoload'
     assert leftovers(str(out)) == []
     assert not (out / files.LOCK_NAME).exists()
-    assert train.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
+    assert snapshots.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
 
 
 SIGNALS = [('INT', 130), ('TERM', 143)]
@@ -423,7 +425,7 @@ def test_an_interrupted_snapshot_write_leaves_nothing(tmp_path, monkeypatch):
         raise cli.Terminated()
     monkeypatch.setattr(os, 'fsync', terminated)
     with pytest.raises(cli.Terminated):
-        train.AtomicSnapshotWriter()('snapshot_epoch_2', str(tmp_path),
+        snapshots.AtomicSnapshotWriter()('snapshot_epoch_2', str(tmp_path),
                                      {'x': numpy.zeros(3)})
     assert sorted(os.listdir(str(tmp_path))) == ['snapshot_epoch_1']
 
@@ -589,8 +591,7 @@ def test_inference_batches_on_a_gpu_fit_the_gpu_memory(fresh_model_path):
         xp = object()   # anything but numpy
         device = type('D', (), {'device': type('C', (), {
             'mem_info': (10 ** 9, 2 * 10 ** 9)})()})()
-        arch, input_size, n_primary = model.arch, model.input_size, \
-            model.n_primary
+        inference_bytes_per_example = model.inference_bytes_per_example
     said = []
     gpu_chunk = devices.inference_batch(OnGpu(), 10 ** 9, say=said.append)
     per_example = devices.inference_bytes_per_example(model)
@@ -605,12 +606,15 @@ def test_inference_batches_on_a_gpu_fit_the_gpu_memory(fresh_model_path):
 def test_a_huge_eval_batchsize_is_not_refused():
     """Evaluation runs in chunks, so --eval-batchsize alone never makes
     train.py refuse a run (it did: 'needs about N GB of memory')."""
-    args = train.build_parser().parse_args(['--eval-batchsize', '100000000'])
-    train.apply_recipe(args)
-    train.check_memory(args)  # no error
-    small = train.build_parser().parse_args(['--eval-batchsize', '200'])
-    train.apply_recipe(small)
-    assert train.memory_estimate(args) >= train.memory_estimate(small)
+    huge = train.parse_settings(['--eval-batchsize', '100000000'])  # no error
+    small = train.parse_settings(['--eval-batchsize', '200'])
+
+    def estimate(settings):
+        return nets.memory_estimate(
+            settings.arch, settings.model_options(), settings.batchsize,
+            settings.eval_batchsize, devices.physical_memory(),
+            devices.INFERENCE_SHARE)
+    assert estimate(huge) >= estimate(small)
 
 
 def tiny_capsnet_and_data(n=23):
@@ -776,7 +780,7 @@ def test_autoload_skips_a_damaged_newest_snapshot(two_epochs, tmp_path,
     summary = json.loads((out / 'final.json').read_text())
     assert summary['resumed_from'] == str(out / 'snapshot_epoch_1')
     assert summary['batchsize'] == 50 and summary['alpha'] == 0.001
-    assert train.readable_snapshot(str(newest)) is None  # written again
+    assert snapshots.readable_snapshot(str(newest)) is None  # written again
 
 
 # --------------------------------------------------------------------------

@@ -13,14 +13,14 @@ import pytest
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from capsnet.data import mnist
-from capsnet.kernels import convolution, routing
-from capsnet import files
+from capsnet.kernels import KernelOptions
+from capsnet import figures, files
 import nets
 import train
 from capsnet.training import extensions as ext
 import visualize
 from conftest import MNIST_DIR as MNIST
-from conftest import assert_one_error, needs_mnist, tile_shape
+from conftest import assert_one_error, needs_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,15 +67,18 @@ def test_one_epoch_learns_and_writes_every_output(tmp_path):
     assert (predictions == t).mean() == pytest.approx(
         log[-1]['test/main/accuracy'], abs=1e-6)
 
-    # visualize.py on the model just trained: every figure, stated grids
+    # visualize.py on the model just trained: every figure, its grid of
+    # digits at figures.SCALE screen pixels per image pixel (the layout
+    # itself is test_visualize's)
     drawn = tmp_path / 'vis'
     assert visualize.main(['--load', str(model_path), '--out', str(drawn),
                            '--data-dir', MNIST]) == 0
     grids = {'vis.png': (4, 10), 'vis_all.png': (11, 10)}
     grids.update({'vis_tweaked{}.png'.format(c): (16, 11) for c in range(10)})
     for name, (rows, cols) in grids.items():
-        image = matplotlib.image.imread(str(drawn / name))
-        assert image.shape[:2] == tile_shape(rows, cols, 28), name
+        height, width = matplotlib.image.imread(str(drawn / name)).shape[:2]
+        assert height >= rows * 28 * figures.SCALE, name
+        assert width >= cols * 28 * figures.SCALE, name
 
 
 TINY = ['--train-size', '150', '--test-size', '50', '-b', '50',
@@ -147,15 +150,19 @@ def test_newest_snapshot_picks_the_highest_epoch(tmp_path):
 
 
 @needs_mnist
-def test_gpu_fast_path_flags_reach_fast_ops(tmp_path, monkeypatch):
-    """--gpu-kernels and --gpu-convolutions switch fast_ops' GPU pieces on
-    (no effect on the CPU: the run trains as usual)."""
-    monkeypatch.setattr(routing, 'GPU_KERNELS', False)  # restored afterwards
-    monkeypatch.setattr(convolution, 'GPU_CONVOLUTIONS', False)
+def test_gpu_fast_path_flags_reach_the_model(tmp_path, monkeypatch):
+    """--gpu-kernels and --gpu-convolutions become the model's
+    KernelOptions (no module setting; no effect on the CPU: the run trains
+    as usual)."""
+    built = []
+    build = nets.build
+    monkeypatch.setattr(nets, 'build', lambda *a, **k: built.append(
+        build(*a, **k)) or built[-1])
     run_train('--train-size', '20', '--test-size', '10', '-e', '1', '-b',
               '10', '-o', str(tmp_path / 'result'), '--gpu-kernels',
               '--gpu-convolutions')
-    assert routing.GPU_KERNELS and convolution.GPU_CONVOLUTIONS
+    assert built[0].kernel_options == KernelOptions(
+        gpu_kernels=True, gpu_convolutions=True)
     assert (tmp_path / 'result' / 'final.json').exists()
 
 

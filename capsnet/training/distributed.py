@@ -422,3 +422,38 @@ class MultiNodeExactEvaluator(ext.ExactEvaluator):
         total = sum(n for n, _ in gathered)
         return {key: sum(s[key] for _, s in gathered) / total
                 for key in sorted(local)}
+
+
+# --------------------------------------------------------------------------
+# A tool's start under MPI
+# --------------------------------------------------------------------------
+
+def check_launch(communicator_name, environ=None):
+    """CapsNetError when an MPI launcher started several processes but no
+    --communicator was given: each would train alone on one --out."""
+    size = launched_by_mpi(environ)
+    if communicator_name is None and size is not None and size > 1:
+        raise CapsNetError(
+            'this process is one of {} started by an MPI launcher (mpiexec), '
+            'but --communicator was not given, so each would train alone on '
+            'the same --out; add --communicator naive (CPU) or pure_nccl '
+            '(GPUs), or run python train.py without mpiexec'.format(size),
+            status=2)
+
+
+def start(settings):
+    """The communicator of ``settings.communicator`` for this rank; its
+    device set into ``settings.device``; ranks > 0 print nothing but
+    their errors."""
+    settings.device = cli.device_spec(settings.device)
+    comm = communicator(settings.communicator, settings.device)
+    quiet_unless_root(comm)
+    settings.device = rank_device(comm, settings.device)
+    return comm
+
+
+def say_layout(comm, settings, n_train, log=print):
+    log('{} processes ({} communicator), each with batch {} (global batch '
+        '{}) and about {} training examples'.format(
+            comm.size, settings.communicator, settings.batchsize,
+            comm.size * settings.batchsize, n_train))

@@ -1,12 +1,11 @@
 """The pieces train.py puts into its Trainer (as Chainer's examples keep
 them beside train_mnist.py): the augmenting updater, the exact evaluator,
-the atomic plots, the divergence check, and the extensions that record
+the divergence check, and the extensions that record
 options, the accuracy history and the best model; plus ``newest_snapshot``
 for --autoload and experiments.py.
 """
 import collections
 import copy
-import functools
 import glob
 import json
 import os
@@ -70,10 +69,12 @@ class AugmentingUpdater(training.updaters.StandardUpdater):
         self.order_random = order_random
 
     def _convert(self, batch, device):
-        x, t = chainer.dataset.concat_examples(batch)
-        x = mnist.random_shift(x, self.max_shift, self.shift_random)
-        return (chainer.dataset.to_device(device, x),
-                chainer.dataset.to_device(device, t))
+        # (x, t) for MNIST; (x, t1, t2, x1, x2) for MultiMNIST, which comes
+        # shifted already (max_shift 0)
+        x, *rest = chainer.dataset.concat_examples(batch)
+        if self.max_shift:
+            x = mnist.random_shift(x, self.max_shift, self.shift_random)
+        return tuple(chainer.dataset.to_device(device, a) for a in [x] + rest)
 
     def serialize(self, serializer):
         super().serialize(serializer)
@@ -177,40 +178,15 @@ class ExactEvaluator(extensions.Evaluator):
                 size = self.chunk or len(batch)
                 for start in range(0, len(batch), size):
                     part = batch[start:start + size]
-                    x, t = chainer.dataset.convert._call_converter(
+                    arrays = chainer.dataset.convert._call_converter(
                         self.converter, part, self.device)
                     observation = {}
                     with chainer.reporter.report_scope(observation):
-                        (self.eval_func or model)(x, t)
+                        (self.eval_func or model)(*arrays)
                     for key, value in observation.items():
                         summaries[key].add(value, weight=len(part))
         return {key: summary.compute_mean()
                 for key, summary in summaries.items()}
-
-
-class AtomicPlotReport(extensions.PlotReport):
-    """Chainer's PlotReport whose PNG (loss.png, accuracy.png) is written
-    through files.atomic_write: made in memory, the free space checked,
-    then a temporary file beside it and a rename. A full disk or an
-    interrupt leaves the previous plot intact and no half-written file
-    (PlotReport itself saves in place)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        postprocess = self._postprocess
-
-        def atomic(figure, axes, summary):
-            # the last call before PlotReport's figure.savefig(path, ...)
-            if postprocess is not None:
-                postprocess(figure, axes, summary)
-            figure.savefig = functools.partial(_atomic_savefig, figure)
-        self._postprocess = atomic
-
-
-def _atomic_savefig(figure, path, **options):
-    options.setdefault('format', 'png')
-    files.atomic_write(path, lambda f: type(figure).savefig(
-        figure, f, **options))
 
 
 class FailOnNonNumber(training.Extension):
