@@ -55,6 +55,15 @@ import subprocess
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)   # the tools and tests/ are there
+# PyTorch's modes (../shared/bench/torch_capsnet.py); on the CPU (dry run)
+# eager only: compiling takes minutes there and graph needs CUDA
+TORCH_MODES = ('eager', 'compile', 'compile-ro', 'graph')
+# the public reimplementations' test error (%) at epochs 10 / 20 / 50
+PEERS = {10: (0.46, 0.56), 20: (0.38, 0.42), 50: (0.30, 0.36)}
+PAPER_ERROR = 0.25
+GRAPH_TESTS = ('cuda_graph or graph_run or capture_failure or '
+               'static_evaluator')
 EPOCH_MARGIN = 1.8   # measured on an H200: shifts, copies, logging and the test pass
 # the fast path's optional GPU pieces, timed beside the default
 GPU_VARIANTS = (('gpu_kernels', ['--gpu-kernels']),
@@ -145,7 +154,7 @@ class Check:
             self.seconds_left(), step, ' '.join(command)), flush=True)
         try:
             result = subprocess.run(
-                command, cwd=HERE, capture_output=True, text=True,
+                command, cwd=ROOT, capture_output=True, text=True,
                 timeout=timeout, env=dict(os.environ, **(env or {})))
             status, output = result.returncode, result.stdout + \
                 result.stderr
@@ -166,7 +175,9 @@ class Check:
     # -- the steps ------------------------------------------------------
 
     def environment(self):
-        code = ('import json, platform, numpy, compat, chainer\n'
+        code = ('import json, platform, numpy\n'
+                'from capsnet import compat\n'
+                'import chainer\n'
                 'from chainer.backends import cuda\n'
                 'info = dict(python=platform.python_version(), '
                 'numpy=numpy.__version__, chainer=chainer.__version__, '
@@ -244,7 +255,7 @@ class Check:
                     f.write(' '.join(command) + '\n')
                     f.flush()
                     running.append((log, subprocess.Popen(
-                        command, cwd=HERE, stdout=f,
+                        command, cwd=ROOT, stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True,
                         env=dict(os.environ, **(env or {})))))
             statuses = []
@@ -282,7 +293,7 @@ class Check:
         repeats = ['--repeats', '1', '--warmup', '1'] if self.args.dry_run \
             else ['--repeats', '20', '--warmup', '3']
         status, output = self.run(
-            name, [sys.executable, 'benchmark.py', '--device',
+            name, [sys.executable, 'dev/benchmark.py', '--device',
                    self.args.device, '-b', str(batch), '--json'] + repeats +
             list(more), name + '.log', 300, env)
         if status != 0:
@@ -331,8 +342,7 @@ class Check:
                                  ['train_samples_per_s', 'eval_samples_per_s'],
                                  {'CUPY_TF32': '1'})
             if args.torch_ref:
-                # torch.compile takes about a minute: once, at the first size
-                row.update(self.torch_reference(batch, compiled=first))
+                row.update(self.torch_reference(batch))
             self.summary['benchmark'][str(batch)] = row
             self.save_summary()
 
@@ -363,24 +373,60 @@ class Check:
         return {'kernel_profile': dict(result['kernel_profile'],
                                        trace=trace)}
 
-    def torch_reference(self, batch, compiled):
+    def torch_reference(self, batch):
+        """PyTorch's samples/s in every mode of TORCH_MODES (eager only on
+        the CPU), steps back to back (torch_capsnet.py synchronises once
+        at the end)."""
         device = 'cpu' if self.args.dry_run else 'cuda'
         steps = '2' if self.args.dry_run else '50'
         found = {}
-        for mode in ('eager', 'compile'):
-            if mode == 'compile' and (self.args.dry_run or not compiled):
-                continue   # compiling for the CPU takes minutes
+        for mode in TORCH_MODES:
+            if self.args.dry_run and mode != 'eager':
+                continue
             name = 'torch-{}-{}'.format(batch, mode)
             command = [sys.executable, os.path.abspath(self.args.torch_ref),
-                       str(batch), steps, device]
-            if mode == 'compile':
-                command.append('compile')
+                       str(batch), steps, device, mode]
             status, output = self.run(name, command, name + '.txt', 240)
             for line in output.splitlines():
                 if line.endswith('samples/s'):
-                    found['torch_{}_samples_per_s'.format(mode)] = float(
-                        line.split()[0])
+                    found['torch_{}_samples_per_s'.format(
+                        mode.replace('-', '_'))] = float(line.split()[0])
         return found
+
+    def graph(self):
+        """The CUDA-graph path first: its GPU tests, then its speed (and
+        the static step's without the graph) at every batch size, steps
+        back to back (gpu_check.py --graph-speed in a child process)."""
+        env = {'CAPSNET_TEST_GPU': '1'}
+        if self.args.dry_run:
+            env['CAPSNET_TEST_DEVICE'] = '@numpy'
+        status, output = self.run('graph_tests', [
+            sys.executable, '-m', 'pytest', '-q', '--tb=short', '-p',
+            'no:cacheprovider', 'tests/test_gpu.py', '-m', 'gpu', '-k',
+            GRAPH_TESTS], 'graph_tests.log', 300, env)
+        self.summary['steps']['graph_tests']['result'] = last_line(output)
+        self.summary['graph'] = {}
+        steps = '2' if self.args.dry_run else '100'
+        for batch in self.args.batchsizes:
+            name = 'graph-speed-{}'.format(batch)
+            status, output = self.run(name, [
+                sys.executable, 'dev/gpu_check.py', '--graph-speed',
+                self.args.device, str(batch), steps], name + '.log', 300)
+            row = json_line(output) if status == 0 else None
+            if status == 0 and row is None:
+                self.summary['steps'][name]['status'] = \
+                    'exit 0 without a JSON line'
+            self.summary['graph'][str(batch)] = row or {}
+        self.save_summary()
+
+    def graph_passed(self):
+        """Whether train.py gets --cuda-graph: the graph tests passed and
+        the speed step captured a graph at every batch size."""
+        steps = self.summary['steps']
+        rows = self.summary.get('graph', {})
+        return (steps.get('graph_tests', {}).get('status') == 0 and
+                bool(rows) and all(row.get('captured')
+                                   for row in rows.values()))
 
     def epochs_that_fit(self, seconds, speed):
         """Training epochs that fit in ``seconds`` at the benchmark's
@@ -402,6 +448,12 @@ class Check:
         # the trained variant's speed: it plans the epochs, and the report
         # sets the epochs' times beside it
         speed = row.get(variant_key(tag, 'train_samples_per_s'))
+        if self.graph_passed():
+            flags = flags + ['--cuda-graph']
+            reason += '; with --cuda-graph, as its GPU tests passed and it ' \
+                'captured'
+            speed = self.summary['graph'][str(args.batchsizes[0])].get(
+                'graph_samples_per_s') or speed
         # keep a minute for evaluate.py and visualize.py afterwards
         epochs = 1 if args.dry_run else self.epochs_that_fit(
             self.seconds_left() - 75, speed)
@@ -427,7 +479,14 @@ class Check:
                 seconds_per_epoch=[round(b - a, 1) for a, b in
                                    zip([0] + elapsed[:-1], elapsed)],
                 test_error_percent=[round(100 * (1 - entry[
-                    'test/main/accuracy']), 2) for entry in log])
+                    'test/main/accuracy']), 2) for entry in log],
+                train_seconds=[round(entry['time/train'], 1) for entry in log
+                               if 'time/train' in entry],
+                other_seconds=[round(entry['time/other'], 1) for entry in log
+                               if 'time/other' in entry])
+            self.summary['training']['plot'] = plot_test_error(
+                self.summary['training']['test_error_percent'],
+                self.path('test-error.png'))
         self.save_summary()
         if status == 0 and os.path.exists(model):
             self.run('evaluate', [sys.executable, 'evaluate.py', '--device',
@@ -470,6 +529,8 @@ class Check:
             ('ours fast, TF32 train/s', 'tf32_train_samples_per_s'),
             ('PyTorch eager train/s', 'torch_eager_samples_per_s'),
             ('PyTorch compiled train/s', 'torch_compile_samples_per_s'),
+            ('PyTorch compile-ro train/s', 'torch_compile_ro_samples_per_s'),
+            ('PyTorch graph train/s', 'torch_graph_samples_per_s'),
             ('ours fast eval/s', 'eval_samples_per_s'),
             ('peak GPU MB', 'peak_gpu_mb')]
         lines += ['', '| batch | {} |'.format(' | '.join(
@@ -479,6 +540,7 @@ class Check:
             lines.append('| {} | {} |'.format(batch, ' | '.join(
                 str(row.get(key)) for _, key in columns)))
         lines += [''] + speed_verdicts(s.get('benchmark', {}), columns)
+        lines += graph_lines(s)
         profile = s.get('benchmark', {}).get(
             str(self.args.batchsizes[0]), {}).get('profile')
         if profile:
@@ -638,7 +700,140 @@ def gpu_problem(device, timeout=120):
         'cannot use {} (status {})'.format(device, probe.returncode)
 
 
+def json_line(output):
+    """The last line of ``output`` that is a JSON object, or None."""
+    for line in reversed(output.splitlines()):
+        if line.startswith('{'):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
+
+
+def graph_lines(summary):
+    """The graph path's tests and speed, and per batch size whether it
+    reached the best of PyTorch's modes (issue 28's target)."""
+    rows = summary.get('graph')
+    if rows is None:
+        return []
+    step = summary['steps'].get('graph_tests', {})
+    lines = ['', 'CUDA-graph tests: {} ({})'.format(step.get('status'),
+                                                     step.get('result'))]
+    for batch, row in rows.items():
+        torch = {key: value for key, value in summary.get(
+            'benchmark', {}).get(batch, {}).items()
+            if key.startswith('torch_') and isinstance(value, (int, float))}
+        graph = row.get('graph_samples_per_s')
+        line = ('batch {}: static step {} samples/s, CUDA graph {} '
+                '(captured: {}{})'.format(
+                    batch, row.get('static_samples_per_s'), graph,
+                    row.get('captured'), '; capture failed: ' +
+                    row['capture_failed'] if row.get('capture_failed')
+                    else ''))
+        if torch and graph:
+            best = max(torch, key=torch.get)
+            line += '; against PyTorch at its best ({} {}): {} ({:.2f} ' \
+                'times)'.format(best, torch[best], 'met' if graph >=
+                                torch[best] else 'NOT met',
+                                graph / torch[best])
+        lines.append(line)
+    return lines
+
+
+def plot_test_error(errors, path):
+    """Test error (%) per epoch, log scale, beside the paper's 0.25% and
+    the public reimplementations' ranges at epochs 10 / 20 / 50; returns
+    the file's name, or why there is none."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 'not drawn: matplotlib is not installed'
+    figure, axes = plt.subplots(figsize=(6, 4))
+    epochs = list(range(1, len(errors) + 1))
+    axes.semilogy(epochs, errors, 'o-', label='this run')
+    axes.axhline(PAPER_ERROR, color='k', linestyle='--',
+                 label='paper ({}%)'.format(PAPER_ERROR))
+    for number, (epoch, (low, high)) in enumerate(sorted(PEERS.items())):
+        axes.vlines(epoch, low, high, color='tab:red', linewidth=4,
+                    label='public reimplementations' if not number else None)
+    axes.set_xlabel('epoch')
+    axes.set_ylabel('test error (%)')
+    axes.set_xlim(0, max(epochs + [50]) + 1)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return os.path.basename(path)
+
+
+def graph_speed(argv):
+    """gpu_check.py --graph-speed DEVICE BATCH STEPS: the paper's CapsNet
+    (reconstruction, r = 3, the fast path) trained through StaticUpdater,
+    without and with --cuda-graph, STEPS steps back to back after the
+    warm-up (and the capture); one JSON line."""
+    device_spec, batch, steps = argv[0], int(argv[1]), int(argv[2])
+    sys.path.insert(0, ROOT)
+    import numpy
+    from capsnet import compat  # noqa: F401
+    import chainer
+    from capsnet.training import static_step
+    import nets
+    device = chainer.get_device(device_spec)
+    device.use()
+    warmup = static_step.WARMUP_STEPS + 2
+    random = numpy.random.RandomState(0)
+    n = batch * (warmup + steps + 1)   # no epoch's end while timed
+    data = chainer.datasets.TupleDataset(
+        random.rand(n, 1, 28, 28).astype(numpy.float32),
+        random.randint(0, 10, n).astype(numpy.int32))
+    result = {'batch': batch, 'steps': steps}
+
+    def synchronize():
+        if device.xp is not numpy:
+            device.xp.cuda.Device().synchronize()
+
+    for name, cuda_graph in (('static', False), ('graph', True)):
+        numpy.random.seed(0)
+        model = nets.CapsNet(reconstruct=True)
+        model.fast = None
+        model.to_device(device)
+        optimizer = chainer.optimizers.Adam()
+        optimizer.setup(model)
+        said = []
+        updater = static_step.StaticUpdater(
+            chainer.iterators.SerialIterator(data, batch, shuffle=False),
+            optimizer, 2, numpy.random.RandomState(1),
+            numpy.random.RandomState(2), device,
+            static_step.Schedule(1e-3), cuda_graph=cuda_graph,
+            say=said.append)
+        observer = chainer.Reporter()   # as the Trainer's: main/...
+        observer.add_observer('main', model)
+        with observer:
+            for _ in range(warmup):
+                updater.update()
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                updater.update()
+            synchronize()
+        result[name + '_samples_per_s'] = round(
+            batch * steps / (time.perf_counter() - start), 1)
+        if cuda_graph:
+            result['captured'] = bool(updater.graph is not None and
+                                      updater.graph.graph is not None)
+            result['capture_failed'] = updater.graph_failed
+            result['said'] = said
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--graph-speed']:
+        return graph_speed(argv[1:])
     args = parse_args(argv)
     problem = gpu_problem(args.device)
     if problem:
@@ -646,7 +841,8 @@ def main(argv=None):
     check = Check(args)
     try:
         check.environment()
-        check.benchmark()   # first: its speed sizes the training run
+        check.graph()       # the CUDA-graph path first: tests and speed
+        check.benchmark()   # its speed sizes the training run
         check.tests()
         check.training()
     except (KeyboardInterrupt, cli.Terminated):

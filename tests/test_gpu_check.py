@@ -38,7 +38,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
                           'benchmark-8-gpu-convolutions',
                           'benchmark-8-gpu-both', 'gpu_tests',
                           'gpu_tests_collect', 'gpu_tests_slow', 'train',
-                          'evaluate', 'visualize'} | (
+                          'evaluate', 'visualize', 'graph_tests',
+                          'graph-speed-8'} | (
                               {'benchmark-8-kernels'} if has_torch else set())
     assert all(step['status'] == 0 for step in steps.values()), steps
     assert 'passed' in steps['gpu_tests']['result']
@@ -57,6 +58,14 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert row['gpu_convolutions_train_samples_per_s'] > 0
     assert row['gpu_both_train_samples_per_s'] > 0
     assert row['profile']['function_calls'] > 0
+    # the CUDA-graph path first: its tests (what runs on NumPy) and its
+    # speed; on the CPU nothing is captured, so train.py gets no --cuda-graph
+    assert 'passed' in steps['graph_tests']['result']
+    graph = summary['graph']['8']
+    assert graph['static_samples_per_s'] > 0 and not graph['captured']
+    assert '--cuda-graph' not in summary['training']['flags']
+    assert summary['training']['plot'] in ('test-error.png', 'not drawn: '
+                                           'matplotlib is not installed')
     assert summary['training']['epochs_done'] == 1
     assert len(summary['training']['test_error_percent']) == 1
     # on the CPU the variants differ by noise only; whichever was taken,
