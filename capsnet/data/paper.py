@@ -57,6 +57,14 @@ class DataError(mnist.DatasetError):
     str() is one line."""
 
 
+def check_count(n, available, flag):
+    """DataError unless 0 < ``n`` <= ``available``: a count beyond the data
+    is refused naming the limit, never clamped."""
+    if not 0 < n <= available:
+        raise DataError('{} {} is beyond the data: there are {} images, so '
+                        'use 1 to {}'.format(flag, n, available, available))
+
+
 def load_mnist_arrays(data_dir=None, root=None):
     """The verified MNIST files as uint8 arrays.
 

@@ -16,6 +16,7 @@ import numpy
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 from chainer import training
+from chainer.iterators import _statemachine
 from chainer.training import extensions
 
 from capsnet.data import mnist
@@ -51,6 +52,27 @@ def serialize_random_state(serializer, random_state):
     random_state.set_state(
         (kind, numpy.asarray(keys, dtype=numpy.uint32), int(pos),
          int(has_gauss), float(gauss)))
+
+
+class BatchIterator(chainer.iterators.SerialIterator):
+    """SerialIterator that reads a whole batch in one call,
+    ``dataset.get_examples(indices)``, from a dataset that makes its
+    examples in batches (MultiMNIST's pairs, made on the fly); any other
+    dataset is read example by example, as SerialIterator does."""
+
+    def __next__(self):
+        get_examples = getattr(self.dataset, 'get_examples', None)
+        if get_examples is None:
+            return super().__next__()
+        self._previous_epoch_detail = self.epoch_detail
+        self._state, indices = _statemachine.iterator_statemachine(
+            self._state, self.batch_size, self.repeat, self.order_sampler,
+            len(self.dataset))
+        if indices is None:
+            raise StopIteration
+        return list(zip(*get_examples(numpy.asarray(indices))))
+
+    next = __next__
 
 
 class AugmentingUpdater(training.updaters.StandardUpdater):

@@ -80,10 +80,10 @@ def make_iterators(settings, train, evaluations, comm=None):
     ({name: dataset}, None sets left out)."""
     rank = [] if comm is None else [comm.rank]
     order_random = numpy.random.RandomState([settings.seed + 1] + rank)
-    train_iter = chainer.iterators.SerialIterator(
+    train_iter = ext.BatchIterator(
         train, settings.batchsize,
         order_sampler=chainer.iterators.ShuffleOrderSampler(order_random))
-    eval_iters = {name: chainer.iterators.SerialIterator(
+    eval_iters = {name: ext.BatchIterator(
         data, settings.eval_batchsize, repeat=False, shuffle=False)
         for name, data in evaluations.items() if data is not None}
     return train_iter, order_random, eval_iters
@@ -136,6 +136,11 @@ def extend(trainer, settings, model, eval_iters, device, comm=None,
     trainer.extend(extensions.snapshot(
         filename=ext.SNAPSHOT_NAME, n_retains=settings.snapshot_keep,
         writer=snapshots.AtomicSnapshotWriter()), trigger=(1, 'epoch'))
+    if settings.snapshot_every:   # a long epoch resumes mid-way
+        trainer.extend(extensions.snapshot(
+            filename=ext.SNAPSHOT_NAME, n_retains=settings.snapshot_keep,
+            writer=snapshots.AtomicSnapshotWriter()), name='snapshot_steps',
+            trigger=(settings.snapshot_every, 'iteration'))
     trainer.extend(ext.RecordOptions(dict(
         options or model.options, arch=model.arch,
         dataset=settings.dataset)), name='options')

@@ -146,6 +146,10 @@ class Settings:
                                   kind='run', type=cli.positive_int)
     snapshot_keep: int = setting(2, 'how many epoch snapshots to keep',
                                  kind='run', type=cli.positive_int)
+    snapshot_every: Optional[int] = setting(
+        None, 'also snapshot every N steps (into snapshot_epoch_E, E the '
+        'epochs completed), so that a long epoch resumes mid-way',
+        kind='run', type=cli.positive_int)
     no_progress: bool = setting(
         False, 'no progress bar (a line per epoch is printed either way)',
         kind='run', action='store_true')
