@@ -352,8 +352,16 @@ class StaticUpdater(ext.AugmentingUpdater):
         return self.get_optimizer('main').target
 
     def _host_batch(self, batch):
-        x, t = chainer.dataset.concat_examples(batch)
-        return mnist.random_shift(x, self.max_shift, self.shift_random), t
+        """(x, t) on the host, shifted as AugmentingUpdater shifts them."""
+        arrays = chainer.dataset.concat_examples(batch)
+        if len(arrays) != 2:
+            raise ValueError('the static step takes (x, t) batches of one '
+                             'digit, got {} arrays a batch'.format(
+                                 len(arrays)))
+        x, t = arrays
+        if self.max_shift:
+            x = mnist.random_shift(x, self.max_shift, self.shift_random)
+        return x, t
 
     def update_core(self):
         iterator = self._iterators['main']
