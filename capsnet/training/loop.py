@@ -22,7 +22,7 @@ from chainer.training import extensions
 
 from capsnet import cli, devices, files
 from capsnet.errors import CapsNetError
-from capsnet.training import distributed, plots, snapshots
+from capsnet.training import distributed, plots, snapshots, static_step
 from capsnet.training import extensions as ext
 
 PAPER_ERROR_PCT = 0.25  # Table 1, CapsNet r = 3 with reconstruction
@@ -95,6 +95,14 @@ def make_updater(train_iter, order_random, optimizer, settings, device,
     pixels, from its own random state (in the snapshots)."""
     rank = [] if comm is None else [comm.rank]
     shift_random = numpy.random.RandomState([settings.seed + 2] + rank)
+    if settings.cuda_graph:   # the same step, static (and captured on GPU)
+        schedule = static_step.Schedule(
+            settings.alpha, settings.decay, settings.decay_steps,
+            settings.alpha_floor, batchsize=settings.batchsize,
+            train_size=len(train_iter.dataset))
+        return static_step.StaticUpdater(
+            train_iter, optimizer, settings.max_shift, shift_random,
+            order_random, device, schedule, cuda_graph=True)
     return ext.AugmentingUpdater(train_iter, optimizer, settings.max_shift,
                                  shift_random, order_random, device)
 
@@ -112,6 +120,9 @@ def extend(trainer, settings, model, eval_iters, device, comm=None,
         if comm is not None and name != 'val':
             evaluator = distributed.MultiNodeExactEvaluator(
                 comm, iterator, model, device=device, chunk=chunk)
+        elif settings.cuda_graph:   # a captured forward pass on a GPU
+            evaluator = static_step.StaticEvaluator(
+                iterator, model, device=device, chunk=chunk, cuda_graph=True)
         else:   # every rank evaluates the whole validation set
             evaluator = ext.ExactEvaluator(iterator, model, device=device,
                                            chunk=chunk)
@@ -128,7 +139,10 @@ def extend(trainer, settings, model, eval_iters, device, comm=None,
         trainer.extend(extensions.ExponentialShift(
             'alpha', settings.decay, target=settings.alpha_floor),
             trigger=(1, 'epoch'))
-    trainer.extend(ext.FailOnNonNumber())
+    if not settings.cuda_graph:   # the static step checks once an epoch
+        trainer.extend(ext.FailOnNonNumber())
+    # ... the seconds of training steps and of the rest, per epoch
+    trainer.extend(static_step.EpochTimer())
     trainer.extend(extensions.observe_value(
         'alpha', lambda t: t.updater.get_optimizer('main').alpha),
         trigger=(1, 'epoch'))
@@ -165,7 +179,7 @@ def report_keys(model, eval_iters):
     for name in eval_iters:
         keys += (['{}/main/loss'.format(name)] if name == 'test' else [])
         keys.append('{}/main/accuracy'.format(name))
-    return keys + ['alpha', 'elapsed_time']
+    return keys + ['alpha', 'time/train', 'time/other', 'elapsed_time']
 
 
 def add_reports(trainer, settings, model, eval_iters, final_set='test'):

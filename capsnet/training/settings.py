@@ -142,6 +142,12 @@ class Settings:
         False, "on the GPU, the convolutions through the NCHW node instead "
         "of Chainer's (off until timed on a GPU; no effect on the CPU)",
         kind='run', action='store_true')
+    cuda_graph: bool = setting(
+        False, 'the static training step (same buffers every step, the '
+        "schedule and Adam's bias correction from a step counter on the "
+        'device, sums on the device) and, on a GPU, the whole step captured '
+        'as one CUDA graph and replayed (docs/gpu.md; not yet run on a GPU)',
+        kind='run', action='store_true')
     eval_batchsize: int = setting(200, 'examples per evaluation step',
                                   kind='run', type=cli.positive_int)
     snapshot_keep: int = setting(2, 'how many epoch snapshots to keep',
@@ -176,6 +182,12 @@ class Settings:
                              '--arch'.format(' and '.join(gpu_pieces),
                                              'them' if len(gpu_pieces) > 1
                                              else 'it'))
+        if self.cuda_graph and (self.communicator or
+                                not self.arch.startswith('capsnet')):
+            raise UsageError('--cuda-graph: for a CapsNet in one process; '
+                             'leave it out with --communicator or a CNN '
+                             "--arch (a captured step would freeze the "
+                             "CNN's dropout masks)")
         if self.max_shift >= self.input_size:
             raise UsageError('argument --max-shift: must be an integer below '
                              '--input-size ({}), got {!r}'.format(
