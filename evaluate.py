@@ -243,7 +243,7 @@ def main(argv=None):
     try:
         _, _, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir, test_size=args.test_size,
-            input_size=model.input_size)
+            input_size=model.input_size, need_train=False)
     except mnist.DatasetError as e:
         fail(e)
     x, t = mnist.to_arrays(test)

@@ -24,7 +24,7 @@ import numpy
 import nets  # first: it brings capsnet.compat before chainer
 from chainer import training
 
-from capsnet import devices, files
+from capsnet import devices
 from capsnet.data import mnist
 from capsnet.kernels import KernelOptions
 from capsnet.training import distributed, loop, snapshots
@@ -72,8 +72,8 @@ def main(argv=None):
     comm = distributed.start(settings) if settings.communicator else None
     device = devices.select_device(settings)
     settings.check_device(device)
-    with distributed.guard(comm) if comm else contextlib.nullcontext():
-        out, lock = loop.prepare_out(settings, comm)
+    with distributed.guard(comm) if comm else contextlib.nullcontext(), \
+            loop.run_folder(settings, comm) as out:
 
         # Data: (train, validation or None, test) TupleDatasets; under MPI
         # each rank trains and tests on its own shard
@@ -149,7 +149,6 @@ def main(argv=None):
         if comm is None or comm.rank == 0:
             loop.finish(settings, model, final, sizes, n_parameters,
                         resumed_from, comm)
-        files.unlock(lock)
     return 0
 
 

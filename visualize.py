@@ -308,7 +308,7 @@ def main(argv=None):
     try:
         _, _, test = mnist.get_mnist_like(
             args.dataset, data_dir=args.data_dir,
-            input_size=model.input_size)
+            input_size=model.input_size, need_train=False)
     except mnist.DatasetError as e:
         cli.fail(e)
     x_all, t_all = mnist.to_arrays(test)

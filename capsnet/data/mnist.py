@@ -10,6 +10,7 @@ training on garbage.
 """
 import gzip
 import hashlib
+import json
 import http.client
 import numbers
 import os
@@ -267,9 +268,73 @@ def load_idx(path, expected_md5=None, fix=_CACHE_FIX):
     return numpy.frombuffer(data, numpy.uint8, offset=offset).reshape(shape)
 
 
+# Where the data is found, set once: $CAPSNET_DATA (a folder holding the
+# four files, or a <dataset>/ folder of them, as ../shared/data does), else
+# the last --data-dir that held them (remembered in Chainer's dataset
+# folder), else Chainer's dataset folder itself (downloaded there once).
+DATA_ENV = 'CAPSNET_DATA'
+REMEMBERED = 'data-dirs.json'
+
+
+def _remembered_path():
+    return os.path.join(chainer.dataset.get_dataset_root(), 'capsnet',
+                        REMEMBERED)
+
+
+def _holds(folder, name):
+    return all(os.path.isfile(os.path.join(folder, f))
+               for f in _spec(name)['files'])
+
+
+def find_data_dir(name):
+    """The folder of ``name``'s four files when no --data-dir is given:
+    $CAPSNET_DATA (or its <name>/ subfolder), else the remembered --data-dir,
+    else None (Chainer's dataset folder, downloading once)."""
+    folder = os.environ.get(DATA_ENV)
+    if folder:
+        for candidate in (os.path.join(folder, name), folder):
+            if _holds(candidate, name):
+                return candidate
+        raise DatasetError(
+            '${} is {}, which holds neither the four {} files nor a {}/ '
+            'folder of them ({}); point it at such a folder or unset it'
+            .format(DATA_ENV, folder, name, name,
+                    ', '.join(_spec(name)['files'])))
+    try:
+        with open(_remembered_path()) as f:
+            folder = json.load(f).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder if folder and _holds(folder, name) else None
+
+
+def remember_data_dir(name, folder):
+    """Remember ``folder`` (it held good files) for the runs without
+    --data-dir; quietly nothing where Chainer's dataset folder is not
+    writable."""
+    path = _remembered_path()
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or known.get(name) == folder:
+        return
+    known[name] = folder
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(known, f)
+    except OSError:
+        pass
+
+
 def _sources(name, data_dir, root):
-    """(paths, fix): the verified cache via fetch(), or data_dir's files."""
+    """(paths, fix): data_dir's files (or the found folder's), or the
+    verified cache via fetch()."""
     spec = _spec(name)
+    if data_dir is None and root is None:
+        data_dir = find_data_dir(name)
     if data_dir is None:
         return fetch(name, root=root), _CACHE_FIX
     if not os.path.isdir(data_dir):
@@ -370,7 +435,7 @@ def to_arrays(dataset):
 
 def get_mnist_like(name='mnist', data_dir=None, train_size=None,
                    test_size=None, validation=0, input_size=28, root=None,
-                   log=None):
+                   log=None, need_train=True):
     """Load MNIST or Fashion-MNIST as (train, validation, test).
 
     Args:
@@ -383,6 +448,8 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
             validation set (None when 0).
         input_size: S >= 28; images are zero-padded, centred, to S x S.
         root: cache folder passed to fetch() when data_dir is None.
+        need_train: False reads the test files alone (train and
+            validation are then None): a tool that only evaluates.
         log: called with one line before the reading (md5s, decompression,
             scaling: about a second on a 2-core CPU, more on a slow disk),
             e.g. ``print``; None says nothing (a tool whose stdout is JSON
@@ -401,10 +468,20 @@ def get_mnist_like(name='mnist', data_dir=None, train_size=None,
     paths, fix = _sources(name, data_dir, root)
     if log is not None:
         log('reading {} from {} (checking md5s) ...'.format(
-            name, os.path.dirname(os.path.abspath(paths[TRAIN_IMAGES]))))
+            name, os.path.dirname(os.path.abspath(paths[TEST_IMAGES]))))
+    if not need_train:
+        paths = {f: p for f, p in paths.items()
+                 if f in (TEST_IMAGES, TEST_LABELS)}
     arrays = {fname: load_idx(path, spec['files'][fname], fix)
               for fname, path in paths.items()}
+    if data_dir is not None:
+        remember_data_dir(name, os.path.abspath(data_dir))
 
+    if not need_train:
+        x, t = arrays[TEST_IMAGES], arrays[TEST_LABELS]
+        n_test = split_sizes(TRAIN_SIZE, len(x), None, test_size, 0,
+                             name)[2]
+        return None, None, _to_dataset(x[:n_test], t[:n_test], input_size)
     splits = []
     for images, labels in ((TRAIN_IMAGES, TRAIN_LABELS),
                            (TEST_IMAGES, TEST_LABELS)):

@@ -9,6 +9,7 @@ snapshot format (capsnet.training.snapshots) and one run folder layout:
     OUT/model.npz                                           the trained model
     OUT/final.json                                          settings, results
 """
+import contextlib
 import errno
 import json
 import os
@@ -29,6 +30,32 @@ PAPER_ERROR_PCT = 0.25  # Table 1, CapsNet r = 3 with reconstruction
 
 
 # -- output folders ---------------------------------------------------------
+
+@contextlib.contextmanager
+def run_folder(settings, comm=None, tool='train.py'):
+    """``with run_folder(settings) as out``: the run's folder (under MPI
+    this rank's), checked before anything is computed (``prepare_out``)
+    and locked; unlocked at the end, and removed again if the run failed
+    before writing anything there (no empty folders left behind)."""
+    deepest = settings.out if comm is None else \
+        distributed.rank_folder(settings.out, comm)
+    made, folder = [], os.path.abspath(deepest)
+    while not os.path.exists(folder):   # the folders this run will make
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    out, lock = prepare_out(settings, comm, tool)
+    try:
+        yield out
+    except BaseException:
+        files.unlock(lock)
+        for folder in made:   # deepest first
+            try:
+                os.rmdir(folder)   # only if empty
+            except OSError:
+                pass
+        raise
+    files.unlock(lock)
+
 
 def prepare_out(settings, comm=None, tool='train.py'):
     """Check ``settings.out`` (and under MPI this rank's folder) before
@@ -294,7 +321,13 @@ def fit(settings, model, train, evaluations, device, log=print,
     reports).
     Continues from the newest snapshot with ``settings.autoload``. Returns
     the summary written to final.json."""
-    out, lock = prepare_out(settings, tool='experiments.py')
+    with run_folder(settings, tool='experiments.py') as out:
+        return _fit(settings, model, train, evaluations, device, out, log,
+                    final_set, extra)
+
+
+def _fit(settings, model, train, evaluations, device, out, log, final_set,
+         extra):
     n_parameters = sum(p.size for p in model.params())
     cli.check_free_space(out, 2 * snapshots.snapshot_bytes(n_parameters),
                          'the snapshots')
@@ -315,5 +348,4 @@ def fit(settings, model, train, evaluations, device, log=print,
     summary = finish(settings, model, final, (
         len(train), 0, len(evaluations[final_set])), n_parameters,
         resumed_from, log=log, extra=extra)
-    files.unlock(lock)
     return summary
