@@ -683,3 +683,44 @@ def test_get_mnist_like_says_what_it_reads():
                          log=lines.append)
     assert len(lines) == 1 and 'mnist' in lines[0] and MNIST_DIR in lines[0]
     assert lines[0].endswith('...')
+
+
+# -- the data found once: $CAPSNET_DATA, the remembered --data-dir ----------
+
+def test_data_is_found_from_capsnet_data_or_the_remembered_folder(
+        tmp_path, monkeypatch):
+    """Without --data-dir: $CAPSNET_DATA (the four files, or a <dataset>/
+    folder of them), else the last --data-dir that held them; none found
+    is None (the cache and download). A $CAPSNET_DATA without the files is
+    one line naming it."""
+    shared = tmp_path / 'shared'
+    (shared / 'mnist').mkdir(parents=True)
+    for name in mnist.DATASETS['mnist']['files']:
+        (shared / 'mnist' / name).write_bytes(b'')
+    monkeypatch.setenv('CHAINER_DATASET_ROOT', str(tmp_path / 'chainer'))
+    monkeypatch.delenv(mnist.DATA_ENV, raising=False)
+    assert mnist.find_data_dir('mnist') is None
+    monkeypatch.setenv(mnist.DATA_ENV, str(shared))
+    assert mnist.find_data_dir('mnist') == str(shared / 'mnist')
+    monkeypatch.setenv(mnist.DATA_ENV, str(shared / 'mnist'))
+    assert mnist.find_data_dir('mnist') == str(shared / 'mnist')
+    monkeypatch.setenv(mnist.DATA_ENV, str(tmp_path))
+    with pytest.raises(mnist.DatasetError, match='CAPSNET_DATA'):
+        mnist.find_data_dir('mnist')
+    monkeypatch.delenv(mnist.DATA_ENV)
+    mnist.remember_data_dir('mnist', str(shared / 'mnist'))
+    assert mnist.find_data_dir('mnist') == str(shared / 'mnist')
+    assert mnist.find_data_dir('fashion-mnist') is None
+
+
+@needs_mnist
+def test_a_data_dir_that_held_the_files_is_remembered(tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setenv('CHAINER_DATASET_ROOT', str(tmp_path / 'chainer'))
+    monkeypatch.delenv(mnist.DATA_ENV, raising=False)
+    _, _, test = mnist.get_mnist_like(data_dir=MNIST_DIR, test_size=5,
+                                      need_train=False)
+    assert len(test) == 5
+    assert mnist.find_data_dir('mnist') == os.path.abspath(MNIST_DIR)
+    _, _, again = mnist.get_mnist_like(test_size=5, need_train=False)
+    numpy.testing.assert_array_equal(again[0][0], test[0][0])

@@ -277,8 +277,9 @@ REMEMBERED = 'data-dirs.json'
 
 
 def _remembered_path():
-    return os.path.join(chainer.dataset.get_dataset_root(), 'capsnet',
-                        REMEMBERED)
+    root = os.environ.get('CHAINER_DATASET_ROOT') or \
+        chainer.dataset.get_dataset_root()
+    return os.path.join(root, 'capsnet', REMEMBERED)
 
 
 def _holds(folder, name):
