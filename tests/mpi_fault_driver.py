@@ -1,4 +1,4 @@
-"""A fault injected on one rank of an MPI job, for tests/test_distributed.py:
+"""A fault injected on one rank of an MPI job, for tests/test_training_distributed.py:
 
     mpiexec -n 2 python tests/mpi_fault_driver.py CASE
 

@@ -108,7 +108,7 @@ def test_multimnist_end_to_end_resumes_and_refuses_another_cache(
 @pytest.mark.slow
 def test_affnist_end_to_end_with_a_real_structured_file(
         run_tool, tmp_path, mnist_dir):
-    from test_paper_datasets import affnist_file
+    from test_data_paper import affnist_file
     rs = numpy.random.RandomState(0)
     affnist_file(tmp_path / 'test.mat',
                  rs.randint(0, 256, (10, 40, 40)).astype(numpy.uint8),
