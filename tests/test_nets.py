@@ -5,8 +5,10 @@ import pytest
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
 import chainer.functions as F
+from chainer import gradient_check
 
 from capsnet import files
+from capsnet.kernels import routing
 import nets
 
 
@@ -236,3 +238,98 @@ def test_interrupted_save_leaves_the_earlier_model_intact(tmp_path,
     assert open(path, 'rb').read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['model.npz']
     assert files.load_model(path, nets.ARCHITECTURES).options['routing'] == 1
+
+
+# -- the two recipes: the paper's and the authors' code's -------------------
+
+def _fixed_batch(n=3):
+    rs = numpy.random.RandomState(5)
+    return (rs.rand(n, 1, 28, 28).astype(numpy.float32),
+            numpy.array([3, 0, 7][:n], dtype=numpy.int32))
+
+
+def test_the_paper_recipe_is_the_default_and_records_nothing_new():
+    numpy.random.seed(0)
+    default = nets.CapsNet()
+    numpy.random.seed(0)
+    paper = nets.build('capsnet', 'paper')
+    assert default.options == paper.options
+    assert not {'digit_bias', 'primary_scale', 'init', 'margin_scale'} & \
+        set(paper.options)
+    assert nets.count_parameters(paper) == 8215568
+    for (name, a), (_, b) in zip(sorted(default.namedparams()),
+                                 sorted(paper.namedparams())):
+        numpy.testing.assert_array_equal(a.array, b.array, err_msg=name)
+    assert float(paper.W.array.std()) == pytest.approx(0.01, rel=0.02)
+    assert not paper.conv1.b.array.any() and not paper.primary.b.array.any()
+
+
+def test_the_official_recipe_has_the_authors_initial_statistics():
+    numpy.random.seed(0)
+    model = nets.build('capsnet', 'official')
+    assert nets.count_parameters(model) == 8215568 + 10 * 16  # b_j
+    assert model.options['digit_bias'] is True
+    # truncated normals: redrawn beyond two sigmas, so the std is 0.88 sigma
+    for array, sigma in ((model.W.array, 0.1), (model.conv1.W.array, 0.05),
+                         (model.primary.W.array, 0.1),
+                         (model.decoder.fc1.W.array, 0.1)):
+        assert numpy.abs(array).max() <= 2 * sigma
+        assert float(array.std()) == pytest.approx(0.8796 * sigma, rel=0.03)
+    for bias in (model.conv1.b, model.primary.b, model.digit_b,
+                 model.decoder.fc3.b):
+        numpy.testing.assert_allclose(bias.array, 0.1)
+
+
+def test_the_official_loss_on_a_fixed_batch_is_the_authors_formula():
+    """layers.py: 0.5 x (T relu(0.9 - l)^2 + 0.5 (1 - T) relu(l - 0.1)^2)
+    averaged over batch AND classes, plus 0.0005 x the pixel sum averaged
+    over the batch: 0.05 x Eq. 4 + 0.0005 x the reconstruction error."""
+    x, t = _fixed_batch()
+    numpy.random.seed(0)
+    model = nets.build('capsnet', 'official')
+    with chainer.using_config('train', True):
+        loss = float(model(x, t).array)
+        v = model.capsules(x)
+        lengths = model.lengths(v).array.astype(numpy.float64)
+        recon = float(nets.reconstruction_loss(model.reconstruction(v, t),
+                                               x).array)
+    present = numpy.eye(10)[t]
+    logits = lengths - 0.5
+    authors = numpy.mean(
+        0.5 * present * (logits < 0.4) * (logits - 0.4) ** 2
+        + 0.5 * 0.5 * (1 - present) * (logits > -0.4) * (logits + 0.4) ** 2)
+    assert loss == pytest.approx(authors + 0.0005 * recon, rel=1e-5)
+    eq4 = float(nets.margin_loss(model.lengths(v), t).array)
+    assert authors == pytest.approx(0.05 * eq4, rel=1e-5)
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_the_official_primary_capsules_are_conv_over_32_plus_bias(fast):
+    x, _ = _fixed_batch(2)
+    numpy.random.seed(0)
+    model = nets.build('capsnet', 'official')
+    model.fast = fast
+    with chainer.using_config('train', False):
+        u = model.primary_capsules(x).array
+        h = F.relu(model.conv1(x))
+        pre = F.convolution_2d(h, model.primary.W, stride=2).array / 32 + \
+            model.primary.b.array[None, :, None, None]
+    s = pre.reshape(2, 32, 8, 6, 6).transpose(0, 1, 3, 4, 2).reshape(
+        2, 1152, 8)
+    numpy.testing.assert_allclose(u, nets.squash(s).array, rtol=1e-4,
+                                  atol=1e-6)
+
+
+def test_the_official_digit_bias_is_in_every_iteration_on_both_paths():
+    rs = numpy.random.RandomState(1)
+    u = rs.randn(2, 12, 8)
+    W = rs.randn(12, 10, 16, 8) * 0.1
+    b = rs.randn(10, 16)
+    for r in (1, 2, 3):
+        fast, _ = routing.digit_capsules(u, W, r, b)
+        plain, _ = nets.dynamic_routing(nets.prediction_vectors(u, W), r, b)
+        numpy.testing.assert_allclose(fast.array, plain.array, rtol=1e-12)
+    # and b's gradient through all three iterations
+    gradient_check.check_backward(
+        lambda u, W, b: routing.digit_capsules(u, W, 3, b)[0], (u, W, b),
+        rs.randn(2, 10, 16), dtype=numpy.float64, atol=1e-5, rtol=1e-4)

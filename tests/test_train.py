@@ -21,6 +21,17 @@ from capsnet.training import extensions as ext
 import visualize
 from conftest import MNIST_DIR as MNIST
 from conftest import assert_one_error, needs_mnist
+from capsnet.errors import CapsNetError
+from conftest import TINY_TRAIN
+from capsnet import cli
+from capsnet import devices
+import errno
+from conftest import leftovers
+from conftest import one_error_line
+from conftest import run_script
+from capsnet.training import snapshots
+from conftest import start
+from conftest import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,3 +242,232 @@ def test_resume_from_a_missing_or_foreign_snapshot(tmp_path):
                      '--test-size', '50', '-o', str(tmp_path / 'o'),
                      '--resume', str(foreign))
     assert_one_error(result, 'cannot resume')
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('epochs, lost, plots', [
+    (2, 'snapshot_epoch_2', False), (1, 'model.npz', False),
+    (2, 'loss.png', True)])
+def test_train_on_a_disk_that_fills_keeps_the_last_epoch(
+        tmp_path, monkeypatch, capsys, epochs, lost, plots):
+    """The disk fills once epoch 1's snapshot is written: the next write
+    (epoch 2's snapshot or the model without the plots, else epoch 2's
+    loss.png: the plots come before the snapshot) is one line naming it,
+    and epoch 1's snapshot (and plot) is intact, so --autoload loses at
+    most the epoch in progress."""
+    from chainer.training import extensions
+    if not plots:  # as without matplotlib
+        monkeypatch.setattr(extensions.PlotReport, 'available',
+                            staticmethod(lambda: False))
+    out = tmp_path / 'out'
+    first = out / 'snapshot_epoch_1'
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 0 if first.exists()
+                        else 10 ** 12)
+    with pytest.raises(CapsNetError) as info:
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY_TRAIN, '-e',
+                                  str(epochs), '-o', str(out), '--save',
+                                  str(out / 'model.npz')])
+    assert info.value.status == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert lost in line and 'needs about' in line, line
+    if lost != 'model.npz':  # not a run's end: it can go on
+        assert line.endswith('; then continue with --autoload from {}'
+                             .format(first)), line
+    if plots:  # epoch 1's
+        assert (out / lost).read_bytes().startswith(b'\x89PNG')
+    else:
+        assert not (out / lost).exists()
+    assert leftovers(str(out)) == []
+    assert snapshots.readable_snapshot(str(first)) is None
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_train_log_on_a_full_disk_is_one_line(tmp_path, monkeypatch,
+                                              capsys):
+    """Chainer's LogReport finds the disk full: one line naming --out and
+    the intact snapshot to continue from."""
+    from chainer.training.extensions import log_report
+    out = tmp_path / 'out'
+
+    class FullDisk:
+        dumps, loads = staticmethod(json.dumps), staticmethod(json.loads)
+
+        @staticmethod
+        def dump(obj, f, **options):
+            if (out / 'snapshot_epoch_1').exists():
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            json.dump(obj, f, **options)
+    monkeypatch.setattr(log_report, 'json', FullDisk)
+    with pytest.raises(CapsNetError):
+        cli.run_main(train.main, ['--data-dir', MNIST, *TINY_TRAIN, '-e', '3',
+                                  '-o', str(out)])
+    line = one_error_line(capsys.readouterr().err)
+    assert 'the log or the plots in {}'.format(out) in line, line
+    assert '--autoload from {}'.format(out / 'snapshot_epoch_1') in line
+    assert leftovers(str(out)) == []
+
+
+def test_train_refuses_a_disk_without_room_for_snapshots(tmp_path,
+                                                         monkeypatch,
+                                                         capsys):
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10 ** 6)
+    assert cli.run_main(train.main, ['--data-dir', MNIST, *TINY_TRAIN, '-e', '1',
+                                     '-o', str(tmp_path / 'out')]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'not enough free space' in line and 'the snapshots' in line
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130),
+                                            (signal.SIGTERM, 143)])
+def test_train_interrupted_is_one_line_and_resumable(tmp_path, signum,
+                                                     status):
+    out = tmp_path / 'out'
+    process = start('train.py', '--data-dir', MNIST, *TINY_TRAIN, '-e', '50',
+                    '-o', out)
+    wait_for(lambda: (out / 'snapshot_epoch_1').exists(), process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == status, err
+    assert one_error_line(err) == \
+        'error: interrupted; resume with --autoload'
+    assert leftovers(str(out)) == []
+    assert not (out / files.LOCK_NAME).exists()
+    assert snapshots.readable_snapshot(str(out / 'snapshot_epoch_1')) is None
+
+
+@needs_mnist
+def test_divergence_is_one_line_with_advice(tmp_path, monkeypatch, capsys):
+    update = ext.AugmentingUpdater.update_core
+
+    def diverge(self):
+        update(self)
+        if self.iteration >= 1:
+            self.get_optimizer('main').target.conv1.W.array[0] = numpy.nan
+    monkeypatch.setattr(ext.AugmentingUpdater, 'update_core',
+                        diverge)
+    assert cli.run_main(train.main, ['--data-dir', MNIST, *TINY_TRAIN, '-e', '1',
+                                     '-o', str(tmp_path / 'out')]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    for fragment in ('diverged: a parameter became NaN or inf (found at '
+                     'epoch 0.67, iteration 2)',
+                     'lower --alpha (now 0.001)', '--resume'):
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--seed', '-1'], ['--seed', "must be an integer from 0 to 4294967293, "
+                                  "got '-1'"]),
+    (['--seed', '4294967294'], ['--seed', 'must be an integer from 0']),
+    (['--leaky-slope', '7'], ["must be a number from -1 to 1, got '7'"]),
+    (['--max-shift', '28'], ['--max-shift', 'below --input-size (28)']),
+    (['--input-size', '4000'], ['needs about', 'GB of memory',
+                                'lower --input-size']),
+], ids=['seed-negative', 'seed-too-large', 'leaky-slope', 'max-shift',
+        'input-size'])
+def test_train_numbers_out_of_range(run_tool, tmp_path, args, fragments):
+    status, _, err = run_tool(train.main, ['-o', tmp_path / 'out'] + args)
+    assert status in (1, 2)
+    line = one_error_line(err)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_huge_eval_batchsize_is_not_refused():
+    """Evaluation runs in chunks, so --eval-batchsize alone never makes
+    train.py refuse a run (it did: 'needs about N GB of memory')."""
+    huge = train.parse_settings(['--eval-batchsize', '100000000'])  # no error
+    small = train.parse_settings(['--eval-batchsize', '200'])
+
+    def estimate(settings):
+        return nets.memory_estimate(
+            settings.arch, settings.model_options(), settings.batchsize,
+            settings.eval_batchsize, devices.physical_memory(),
+            devices.INFERENCE_SHARE)
+    assert estimate(huge) >= estimate(small)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_train_evaluates_a_huge_eval_batch_in_chunks(tmp_path, monkeypatch,
+                                                     run_tool):
+    """--eval-batchsize 100000000 is no longer refused: the test set is
+    evaluated in chunks (said once), with exactly the figures of
+    --eval-batchsize 7."""
+    from capsnet import devices
+
+    def run(out, eval_batchsize):
+        status, stdout, err = run_tool(train.main, [
+            '--data-dir', MNIST, *TINY_TRAIN, '-e', '1', '-o', out,
+            '--eval-batchsize', eval_batchsize])
+        assert status == 0, err
+        with open(str(out / 'log')) as f:
+            return stdout, json.load(f)[-1]
+    _, small = run(tmp_path / 'small', 7)
+    monkeypatch.setattr(devices, 'inference_bytes_per_example',
+                        lambda model: devices.physical_memory() // 4 // 7)
+    stdout, chunked = run(tmp_path / 'chunked', 100000000)
+    assert stdout.count('evaluated in chunks of 7') == 1, stdout
+    assert 'a batch of 50 examples' in stdout
+    for key in ('test/main/loss', 'test/main/accuracy'):
+        assert chunked[key] == small[key], key
+
+
+def test_save_to_a_folder_is_refused_up_front(run_tool, tmp_path):
+    status, _, err = run_tool(train.main, ['-o', tmp_path / 'out', '--save',
+                                           tmp_path])
+    assert status == 1
+    assert 'is a folder; give a file name' in one_error_line(err)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_unknown_device_specifier(tmp_path):
+    assert_one_error(run_script('train.py', '--no-progress', '--device', 'foo',
+                         '-o', tmp_path / 'out'),
+                     'cannot use device foo', '--device', status=1)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_empty_save_is_refused_up_front(tmp_path):
+    """--save '' trained for the whole run and then kept no model."""
+    assert_one_error(run_script('train.py', '--save', '', '-o', tmp_path / 'out'),
+                     "argument --save: needs a file name, got an empty one")
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_unwritable_save(tmp_path, blocker):
+    assert_one_error(run_script('train.py', '--no-progress', '-o', tmp_path / 'out',
+                         '--save', blocker / 'model.npz'),
+                     'cannot write to', str(blocker), status=1)
+    assert blocker.read_text() == 'keep me'
+
+
+# -- the recipes' training settings ------------------------------------------
+
+def test_the_recipes_training_settings_and_flags_that_win():
+    paper = train.parse_settings([])
+    assert (paper.recipe, paper.batchsize, paper.decay, paper.decay_steps,
+            paper.alpha_floor) == ('paper', 100, 0.95, None, 1e-5)
+    official = train.parse_settings(['--recipe', 'official'])
+    assert (official.batchsize, official.decay, official.decay_steps,
+            official.alpha_floor) == (128, 0.96, 2000, 0.0)
+    mine = train.parse_settings(['--recipe', 'official', '-b', '64',
+                                 '--decay', '0.9'])
+    assert (mine.batchsize, mine.decay, mine.decay_steps) == (64, 0.9, 2000)
+    assert mine.recorded()['recipe'] == 'official'
+
+
+def test_the_official_schedule_at_chosen_steps():
+    """models/model.py: tf.train.exponential_decay(1e-3, step, 2000, 0.96),
+    not staircase: the step before the update is the exponent's."""
+    decay = ext.StepDecay('alpha', 1e-3, 0.96, 2000)
+    for step, expected in ((0, 1e-3), (1000, 1e-3 * 0.96 ** 0.5),
+                           (2000, 0.96e-3), (6000, 1e-3 * 0.96 ** 3),
+                           (470000, 1e-3 * 0.96 ** 235)):
+        assert decay.value(step) == pytest.approx(expected, rel=1e-12)
+    assert ext.StepDecay('alpha', 1e-3, 0.96, 2000, 1e-5).value(
+        10 ** 6) == 1e-5
