@@ -16,6 +16,13 @@
 - ``tile_shape``: the (height, width) a mosaic of figures.tile must have.
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
+- As a user runs them: ``run_script(script, *args)`` (a finished
+  ``python script``), ``start(*argv)`` / ``wait_for(condition, process)``
+  (one still running, for the signal tests), ``TINY_TRAIN`` (train.py flags
+  of a small run); ``leftovers(folder)`` / ``leftovers_below(folder)`` (what
+  an interrupted write left), ``Unchanged(*paths)`` (files that must not
+  change), the ``blocker`` fixture (a file where a folder is wanted),
+  ``needs_no_cupy`` (skip where CuPy is installed).
 - GPU switch: tests marked ``gpu`` run only when the environment variable
   CAPSNET_TEST_GPU is 1 (``CAPSNET_TEST_GPU=1 python -m pytest -q -m gpu``);
   otherwise they are skipped with that reason, so CI without a GPU stays
@@ -27,12 +34,23 @@
   ignored, and so would every tool the tests start, which would then
   train on through the Ctrl-C tests: the default handler is put back here.
 """
+import hashlib
 import os
 import signal
+import subprocess
+import tempfile
 import sys
+import time
 
 import numpy
 import pytest
+
+# The tests find their data only where they say: no $CAPSNET_DATA and no
+# --data-dir remembered from the user's own runs (Chainer's dataset folder
+# is a fresh one for the session, set before chainer is imported)
+os.environ.pop('CAPSNET_DATA', None)
+os.environ.setdefault('CHAINER_DATASET_ROOT', tempfile.mkdtemp(
+    prefix='capsnet-tests-dataset-'))
 
 # the developer harnesses (gpu_check, benchmark, kernel_profile) import as
 # modules too
@@ -41,6 +59,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from capsnet import cli, files
+from chainer.backends import cuda
 import nets
 
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
@@ -57,6 +76,15 @@ HAVE_MNIST = all(os.path.isfile(os.path.join(MNIST_DIR, f))
 _NO_MNIST = ('real MNIST not found in {} (set CAPSNET_SHARED_DATA to the '
              'folder holding mnist/)'.format(MNIST_DIR))
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=_NO_MNIST)
+
+
+def pytest_sessionstart(session):
+    """Said at the top of the run, -q or not: without MNIST the tests that
+    need it skip, and why."""
+    reporter = session.config.pluginmanager.get_plugin('terminalreporter')
+    if not HAVE_MNIST and reporter is not None:
+        reporter.write_line('note: the tests that need MNIST will SKIP: ' +
+                            _NO_MNIST)
 
 
 def one_error_line(err):
@@ -178,3 +206,95 @@ def run_tool(capsys):
             status = 0
         return status, out, err
     return run
+
+
+# -- running the tools as a user does ---------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# train.py flags of a small run (a few seconds an epoch on the CPU)
+TINY_TRAIN = ['--train-size', '150', '--test-size', '50', '-b', '50',
+              '--routing', '1', '--no-progress']
+
+
+def leftovers(folder):
+    """Temporary files an interrupted write left in ``folder``."""
+    return [n for n in os.listdir(folder)
+            if n.endswith('.tmp') or n.startswith('tmp')]
+
+
+def leftovers_below(folder):
+    """Temporary files and folders, and lock files, anywhere below."""
+    found = []
+    for top, dirs, names in os.walk(str(folder)):
+        found += [os.path.join(top, n) for n in dirs + names
+                  if n.endswith('.tmp') or n.startswith('tmp') or
+                  n == files.LOCK_NAME]
+    return found
+
+
+def start(*argv):
+    """Start ``python argv`` in the repository (text pipes, unbuffered)."""
+    return subprocess.Popen([sys.executable, *[str(a) for a in argv]],
+                            cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for(condition, process, seconds=120):
+    """Poll ``condition()`` while ``process`` runs; fail on its end or a
+    timeout."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.05)
+
+
+needs_no_cupy = pytest.mark.skipif(
+    cuda.available, reason='CuPy is installed here; these cases check the '
+                           'message for a machine without it')
+
+
+def run_script(script, *args, env=None):
+    """Run ``python REPO/script args`` (or ``python -m module args`` for a
+    script '-m module') -> CompletedProcess (text)."""
+    environment = dict(os.environ, **(env or {}))
+    program = script.split() if script.startswith('-m ') else [
+        os.path.join(REPO, script)]
+    return subprocess.run(
+        [sys.executable] + program + [str(a) for a in args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL, env=environment)
+
+
+def file_md5(path):
+    with open(str(path), 'rb') as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+class Unchanged:
+    """Files written before a run, to check afterwards that none changed."""
+
+    def __init__(self, *paths):
+        self.before = {}
+        for path in paths:
+            path = str(path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path):
+                with open(path, 'wb') as f:
+                    f.write(b'written before the run: ' + path.encode())
+            self.before[path] = (file_md5(path), os.stat(path).st_mtime_ns)
+
+    def check(self):
+        for path, (digest, mtime) in self.before.items():
+            assert os.path.exists(path), path + ' was removed'
+            assert (file_md5(path), os.stat(path).st_mtime_ns) == (digest, mtime), \
+                path + ' was changed'
+
+
+@pytest.fixture
+def blocker(tmp_path):
+    """A plain file: any path below it cannot be created."""
+    path = tmp_path / 'a-file'
+    path.write_text('keep me')
+    return path
