@@ -249,8 +249,24 @@ def _npz_hint(folder):
         else ''
 
 
+# a trainer snapshot (snapshot_epoch_N) also serves as a model file: the
+# options its RecordOptions extension keeps, the model under the updater
+SNAPSHOT_OPTIONS = 'extensions/options/options'
+SNAPSHOT_MODEL = 'updater/model:main/'
+
+
+def _snapshot_meta(npz):
+    """(arch, options) of a trainer snapshot, or None for another file."""
+    if SNAPSHOT_OPTIONS not in npz.files:
+        return None
+    options = json.loads(str(npz[SNAPSHOT_OPTIONS]))
+    options.pop('dataset', None)
+    return {'arch': options.pop('arch', None), 'options': options}
+
+
 def read_model_meta(path, architectures=None):
-    """(arch, options) stored in a model file; ModelFileError if unusable."""
+    """(arch, options) stored in a model file or in a training snapshot
+    (snapshot_epoch_N); ModelFileError if unusable."""
     if not os.path.exists(path):
         raise ModelFileError(
             'model file {} does not exist; pass the path given to '
@@ -261,11 +277,13 @@ def read_model_meta(path, architectures=None):
             'train.py --save{}'.format(path, _npz_hint(path)))
     try:
         with open_npz(path) as npz:
-            if _META_KEY not in npz.files:
+            meta = json.loads(str(npz[_META_KEY])) if _META_KEY in \
+                npz.files else _snapshot_meta(npz)
+            if meta is None:
                 raise ModelFileError(
-                    '{} is not a model file of this project (no stored '
-                    'options); save one with train.py --save'.format(path))
-            meta = json.loads(str(npz[_META_KEY]))
+                    '{} is neither a model file nor a training snapshot of '
+                    "this project (no stored options); use a run's "
+                    'model.npz or snapshot_epoch_N'.format(path))
     except ModelFileError:
         raise
     except PermissionError as e:
@@ -308,7 +326,8 @@ def load_model(path, architectures, expected_options=None):
                              .format(path, e))
     try:
         with open_npz(path) as npz:
-            chainer.serializers.NpzDeserializer(npz).load(model)
+            prefix = '' if _META_KEY in npz.files else SNAPSHOT_MODEL
+            chainer.serializers.NpzDeserializer(npz, path=prefix).load(model)
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError,
             io.UnsupportedOperation) as e:
         raise ModelFileError(

@@ -1,13 +1,28 @@
 """capsnet.files: the cleanup of interrupted writes touches only the names
 the project makes, and a fresh run refuses a folder holding another run."""
+import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
+import numpy
 import pytest
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-from capsnet import files
+from capsnet import cli, files
 from capsnet.errors import CapsNetError
+from capsnet.training import snapshots
+import evaluate
+import nets
+import predict
+import train
+import visualize
+from conftest import assert_one_error, leftovers, one_error_line, run_script
+from conftest import MNIST_DIR as MNIST
+from conftest import needs_mnist
 
 
 # --------------------------------------------------------------------------
@@ -162,3 +177,218 @@ def test_the_run_names_follow_what_train_writes():
     assert files.RUN_FILE.match(ext.SNAPSHOT_PREFIX + '12')
     assert files.RUN_FILE.match('final.json')
     assert not files.RUN_FILE.match(ext.SNAPSHOT_PREFIX + '12.txt')
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path,
+                                                        monkeypatch):
+    path = tmp_path / 'final.json'
+    files.write_text(str(path), 'old\n')
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', no_room)
+    with pytest.raises(cli.DiskFullError) as info:
+        files.write_text(str(path), 'new' * 1000)
+    message = str(info.value)
+    assert str(path) in message and 'needs about' in message
+    assert path.read_text() == 'old\n'
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_atomic_write_refuses_up_front_without_room(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, 'free_bytes', lambda folder: 10)
+    with pytest.raises(cli.DiskFullError, match='needs about 0.1 kB, 0.0 kB '
+                       'free'):
+        files.write_text(str(tmp_path / 'x.json'), 'x' * 100)
+    assert os.listdir(str(tmp_path)) == []
+
+
+@pytest.fixture(scope='module')
+def nan_model_path(tmp_path_factory):
+    numpy.random.seed(0)
+    model = nets.CapsNet()
+    model.decoder.fc1.W.array[0, 0] = numpy.nan
+    model.conv1.b.array[0] = numpy.inf
+    path = str(tmp_path_factory.mktemp('bad') / 'nan.npz')
+    files.save_model(path, model)
+    return path
+
+
+def test_load_model_refuses_non_finite_weights(nan_model_path):
+    with pytest.raises(files.ModelFileError, match='NaN or inf weights'):
+        files.load_model(nan_model_path, nets.ARCHITECTURES)
+
+
+@pytest.mark.parametrize('cut', [100, 0.5], ids=['header', 'half'])
+def test_a_truncated_model_file_is_closed(fresh_model_path, tmp_path, cut):
+    """numpy.load leaves the file of a damaged .npz open (a ResourceWarning
+    on Python 3.13 and a leaked handle in a long process)."""
+    import gc
+    import warnings
+    data = open(fresh_model_path, 'rb').read()
+    path = tmp_path / 'cut.npz'
+    path.write_bytes(data[:cut if cut > 1 else int(len(data) * cut)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for load in (lambda p: files.load_model(p, nets.ARCHITECTURES),
+                     snapshots.readable_snapshot):
+            try:
+                load(str(path))
+            except files.ModelFileError:
+                pass
+        gc.collect()
+    assert [str(w.message) for w in caught
+            if issubclass(w.category, ResourceWarning)] == []
+
+
+@pytest.mark.parametrize('tool, argv', [
+    (predict, ['--json', 'digit.png']),
+    (evaluate, ['--json', '--test-size', '10']),
+    (visualize, []),
+], ids=['predict', 'evaluate', 'visualize'])
+def test_every_tool_refuses_a_model_with_nan_weights(
+        run_tool, nan_model_path, tmp_path, tool, argv):
+    status, out, err = run_tool(tool.main, ['--load', nan_model_path,
+                                            '-o' if tool is not predict
+                                            else '--batchsize',
+                                            str(tmp_path / 'o')
+                                            if tool is not predict else '1']
+                                + argv)
+    assert status != 0 and out == ''
+    line = one_error_line(err)
+    assert 'NaN or inf weights' in line and 'decoder/fc1/W' in line
+    assert not (tmp_path / 'o').exists()
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, '-c', 'pass'])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_lock_refuses_a_second_run(tmp_path, run_tool):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / files.LOCK_NAME).write_text('{} train.py\n'.format(os.getppid()))
+    status, _, err = run_tool(train.main, ['-o', out, '--data-dir', MNIST])
+    assert status == 1
+    assert 'is in use by process {} (train.py)'.format(os.getppid()) in \
+        one_error_line(err)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+    pid = dead_pid()
+    (tmp_path / files.LOCK_NAME).write_text('{} experiments.py\n'.format(pid))
+    path = files.lock_folder(str(tmp_path), 'train.py')
+    assert 'taking over the stale lock of process {} (experiments.py)' \
+        .format(pid) in capsys.readouterr().out
+    assert files.read_lock(path) == (os.getpid(), 'train.py')
+    files.unlock(path)
+    assert not os.path.exists(path)
+
+
+def test_a_zombie_holder_counts_as_dead():
+    """After kill -9 of an mpiexec, its ranks can stay zombies for a while
+    (reparented, not yet reaped): their locks are stale, not live."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    deadline = time.time() + 30
+    while time.time() < deadline:   # exited, not yet waited for
+        with open('/proc/{}/stat'.format(child.pid)) as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                break
+        time.sleep(0.05)
+    assert not files._alive(child.pid)
+    child.wait()
+    assert files._alive(os.getpid())
+
+
+@pytest.mark.parametrize('program', ['visualize.py', 'evaluate.py',
+                                     'predict.py'])
+def test_npz_file_that_is_not_a_model_of_this_project(program, tmp_path):
+    path = tmp_path / 'weights.npz'
+    numpy.savez(str(path), W=numpy.zeros(3, numpy.float32))
+    argv = ['--load', path]
+    argv += [tmp_path / 'x.png'] if program == 'predict.py' else [
+        '-o', tmp_path / 'out']
+    assert_one_error(run_script(program, *argv), str(path),
+                     'not a model file of this project',
+                     status=2 if program == 'predict.py' else 1)
+
+
+@pytest.mark.parametrize('tool', ['evaluate.py', 'visualize.py', 'predict.py',
+                                  'figure5'])
+def test_load_of_a_folder_names_the_model_inside(tmp_path, fresh_model_path,
+                                                 tool):
+    """It said 'not a readable model file (IsADirectoryError: …); it may be
+    truncated or corrupt, so train again'."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    shutil.copy(fresh_model_path, str(folder / 'model.npz'))
+    argv = ['--load', folder, '--out', tmp_path / 'o']
+    if tool == 'predict.py':
+        argv = ['--load', folder, tmp_path / 'x.png']
+    elif tool == 'figure5':
+        tool, argv = 'experiments.py', ['figure5'] + argv
+    assert_one_error(run_script(tool, *argv), '{} is a folder, not a model file; '
+                     'pass the file given to train.py --save, e.g. {}'.format(
+                         folder, folder / 'model.npz'))
+    if tool != 'experiments.py':  # figure5 makes --out first
+        assert not (tmp_path / 'o').exists()
+
+
+def test_an_unreadable_model_file(fresh_model_path, monkeypatch, run_tool):
+    """Permission denied (simulated: the tests may run as root): not 'it may
+    be truncated or corrupt, so train again'."""
+    import evaluate
+    from capsnet import files
+
+    def denied(path, mode='r'):
+        raise PermissionError(13, 'Permission denied', path)
+    monkeypatch.setattr(files, 'open', denied, raising=False)
+    status, _, err = run_tool(evaluate.main, ['--load', fresh_model_path])
+    assert status == 1
+    assert err == 'error: cannot read model file {} (Permission denied); ' \
+        'check its permissions\n'.format(fresh_model_path)
+
+
+@pytest.mark.parametrize('tool', ['visualize.py', 'evaluate.py',
+                                  'predict.py'])
+@pytest.mark.parametrize('content', [None, b'', b'not a model', 'half'],
+                         ids=['missing', 'empty', 'garbage', 'truncated'])
+def test_an_unusable_model_file_is_one_line(
+        tool, content, tmp_path, fresh_model_path, run_tool):
+    path = tmp_path / 'model.npz'
+    if content == 'half':
+        data = open(fresh_model_path, 'rb').read()
+        path.write_bytes(data[:len(data) // 2])
+    elif content is not None:
+        path.write_bytes(content)
+    main = {'visualize.py': visualize.main, 'evaluate.py': evaluate.main,
+            'predict.py': predict.main}[tool]
+    argv = ['--load', path]
+    argv += [tmp_path / 'x.png'] if tool == 'predict.py' else [
+        '--data-dir', tmp_path, '--out', tmp_path / 'out']
+    status, out, err = run_tool(main, argv)
+    assert status == (2 if tool == 'predict.py' else 1)
+    assert out == ''
+    assert str(path) in one_error_line(err)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_a_training_snapshot_loads_as_the_model_it_holds(tmp_path):
+    """--load takes a run's snapshot_epoch_N as well as its model.npz: the
+    same network, options and weights."""
+    out = tmp_path / 'run'
+    assert train.main(['--data-dir', MNIST, '--train-size', '20',
+                       '--test-size', '10', '-b', '10', '-e', '1',
+                       '--routing', '1', '--no-progress', '-o',
+                       str(out)]) == 0
+    from_snapshot = files.load_model(str(out / 'snapshot_epoch_1'),
+                                     nets.ARCHITECTURES)
+    from_model = files.load_model(str(out / 'model.npz'), nets.ARCHITECTURES)
+    assert from_snapshot.options == from_model.options
+    for (name, a), (_, b) in zip(sorted(from_snapshot.namedparams()),
+                                 sorted(from_model.namedparams())):
+        numpy.testing.assert_array_equal(a.array, b.array, err_msg=name)
