@@ -13,6 +13,7 @@
   functions: ``from conftest import one_error_line``).
 - ``both_paths(model, x, t)``: loss and gradients on the plain and on the
   fast path, for the tests that compare them.
+- ``random(*shape, seed, scale)``: a normal float64 array (kernel tests).
 - ``tile_shape``: the (height, width) a mosaic of figures.tile must have.
 - ``run_tool``: call a tool's ``main(argv)`` in-process and return
   (exit status, stdout, stderr), an exit by ``sys.exit`` included.
@@ -298,3 +299,8 @@ def blocker(tmp_path):
     path = tmp_path / 'a-file'
     path.write_text('keep me')
     return path
+
+
+def random(*shape, seed=0, scale=1.0):
+    """Standard normal float64 array of ``shape`` (times ``scale``)."""
+    return numpy.random.RandomState(seed).randn(*shape) * scale

@@ -1,18 +1,27 @@
-"""cli.py and the convention every tool shares: one parser class, one
-message shape for bad numbers, --device/-d (with --gpu/-g), and one line for
-an unusable model file."""
+"""capsnet/cli.py and the convention every tool shares: one parser class,
+one message shape for bad numbers, --device/-d (with --gpu/-g), --out that
+is a file; run_main's one line for a full disk, no memory, Ctrl-C and
+SIGTERM (while importing and at work, leaving no temporary file)."""
 import argparse
+import errno
+import os
+import subprocess
+import sys
 
+import numpy
 import pytest
 
-from capsnet import cli
+from capsnet import cli, files
 import evaluate
 import experiments
 import export
+import nets
 import predict
 import train
 import visualize
-from conftest import one_error_line
+from conftest import (REPO, assert_one_error, leftovers_below, needs_mnist,
+                      one_error_line, run_script)
+from conftest import MNIST_DIR as MNIST
 
 PARSERS = {
     'train.py': (train.build_parser, []),
@@ -167,53 +176,135 @@ def test_old_spellings_still_parse():
     assert (args.epoch, args.device) == (4, '@cupy:0')
 
 
-@pytest.mark.parametrize('tool', ['visualize.py', 'evaluate.py',
-                                  'predict.py'])
-@pytest.mark.parametrize('content', [None, b'', b'not a model', 'half'],
-                         ids=['missing', 'empty', 'garbage', 'truncated'])
-def test_an_unusable_model_file_is_one_line(
-        tool, content, tmp_path, fresh_model_path, run_tool):
-    path = tmp_path / 'model.npz'
-    if content == 'half':
-        data = open(fresh_model_path, 'rb').read()
-        path.write_bytes(data[:len(data) // 2])
-    elif content is not None:
-        path.write_bytes(content)
-    main = {'visualize.py': visualize.main, 'evaluate.py': evaluate.main,
-            'predict.py': predict.main}[tool]
-    argv = ['--load', path]
-    argv += [tmp_path / 'x.png'] if tool == 'predict.py' else [
-        '--data-dir', tmp_path, '--out', tmp_path / 'out']
-    status, out, err = run_tool(main, argv)
-    assert status == (2 if tool == 'predict.py' else 1)
-    assert out == ''
-    assert str(path) in one_error_line(err)
-    assert not (tmp_path / 'out').exists()
+def test_run_main_maps_enospc_to_one_line(capsys):
+    def main(argv):
+        raise OSError(errno.ENOSPC, 'No space left on device', 'out/log')
+    assert cli.run_main(main) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert 'no space left on the disk while writing out/log' in line
 
 
-class CUDARuntimeError(RuntimeError):
-    """Named as CuPy's; its text is what cupy raises."""
+SIGNALS = [('INT', 130), ('TERM', 143)]
 
 
-@pytest.mark.parametrize('text', [
-    'cudaErrorInsufficientDriver: CUDA driver version is insufficient for '
-    'CUDA runtime version',
-    'cudaErrorNoDevice: no CUDA-capable device is detected'])
-def test_no_gpu_at_all_is_said_instead_of_a_driver_update(text,
-                                                          monkeypatch):
-    from capsnet import devices
-    error = CUDARuntimeError(text)
-    line = devices.device_failure('@cupy:0', error, gpu_present=False)
-    assert line.startswith('cannot use device @cupy:0: ' + text + '; ')
-    assert 'no NVIDIA GPU found' in line and '-d @numpy' in line
-    assert 'driver' not in line.rpartition('; ')[2]
-    # with a GPU device file, the driver is to blame
-    assert 'install an NVIDIA driver' in devices.device_failure(
-        '@cupy:0', error, gpu_present=True)
-    # by default it looks for /dev/nvidia*
-    monkeypatch.setattr(devices.glob, 'glob', lambda pattern: [])
-    assert 'no NVIDIA GPU found' in devices.device_failure('@cupy:0', error)
-    monkeypatch.setattr(devices.glob, 'glob',
-                        lambda pattern: ['/dev/nvidia0'])
-    assert 'install an NVIDIA driver' in devices.device_failure('@cupy:0',
-                                                                error)
+SIGNAL_TOOLS = ['train.py', 'visualize.py', 'evaluate.py', 'predict.py',
+         'experiments.py', 'dev/benchmark.py', 'dev/gpu_check.py']
+
+
+def interrupt(point, signame, tool, *argv):
+    """Run ``tool`` under tests/interrupt_at.py, which sends it SIGsigname
+    at ``point``; the finished process."""
+    return subprocess.run(
+        [sys.executable, os.path.join('tests', 'interrupt_at.py'), point,
+         signame, tool, *[str(a) for a in argv]], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+@pytest.mark.parametrize('signame, status', SIGNALS)
+@pytest.mark.parametrize('tool', SIGNAL_TOOLS)
+def test_a_signal_while_a_tool_imports_is_one_line(tool, signame, status):
+    """Ctrl-C or SIGTERM while the tool is still importing (NumPy for most;
+    benchmark.py and gpu_check.py import only the standard library at the
+    top, so json there): one line and 130 / 143, not a traceback (nor a
+    silent death by SIGTERM)."""
+    module = 'json' if tool in ('dev/benchmark.py', 'dev/gpu_check.py') else \
+        'numpy'
+    result = interrupt('import:' + module, signame, tool, '--help')
+    assert result.returncode == status, result.stderr
+    assert one_error_line(result.stderr) == 'error: interrupted'
+    assert result.stdout == ''
+
+
+@pytest.fixture(scope='module')
+def multimnist_model_path(tmp_path_factory):
+    state = numpy.random.get_state()
+    numpy.random.seed(0)
+    path = str(tmp_path_factory.mktemp('models') / 'two.npz')
+    files.save_model(path, nets.TwoDigitCapsNet())
+    numpy.random.set_state(state)
+    return path
+
+
+EXPERIMENTS_INTERRUPTED = ('error: interrupted; run the same command again '
+                           'to continue the sweep')
+
+
+# (tool and its flags, where the signal comes, the message, files that an
+# uninterrupted run writes into OUT and this one must not)
+SIGNAL_POINTS = {
+    'evaluate': (['evaluate.py', '--test-size', '20'], 'write',
+                 'error: interrupted', ['confusion.png', 'evaluation.json']),
+    'visualize': (['visualize.py'], 'write', 'error: interrupted',
+                  ['vis.png']),
+    'benchmark': (['dev/benchmark.py', '-b', '2', '--repeats', '1', '--warmup',
+                   '0'], 'call:chainer.optimizers:Adam.update',
+                  'error: interrupted', []),
+    'multimnist': (['experiments.py', 'multimnist', '--epoch', '1',
+                    '--train-digits', '30', '--pairs-per-digit', '2',
+                    '--test-digits', '20', '--test-pairs-per-digit', '1',
+                    '--rows', 'capsnet', '--batchsize', '20'], 'write',
+                   EXPERIMENTS_INTERRUPTED,
+                   ['data/multimnist-train.npz']),
+    'affnist': (['experiments.py', 'affnist', '--epoch', '1',
+                 '--train-size', '20', '--test-size', '10', '--rows',
+                 'capsnet', '--batchsize', '10'],
+                'call:chainer.optimizers:Adam.update',
+                EXPERIMENTS_INTERRUPTED, ['capsnet-trial0/final.json']),
+    'figure5': (['experiments.py', 'figure5', '--test-digits', '30'],
+                'write', EXPERIMENTS_INTERRUPTED, ['figure5.json']),
+}
+
+
+@needs_mnist
+@pytest.mark.parametrize('signame, status', SIGNALS)
+@pytest.mark.parametrize('case', sorted(SIGNAL_POINTS))
+def test_a_signal_at_work_is_one_line_and_leaves_no_temp_files(
+        tmp_path, fresh_model_path, multimnist_model_path, case, signame,
+        status):
+    """SIGINT / SIGTERM sent at a chosen point of each tool's work (in the
+    middle of its first atomic write, or in a training step): one line,
+    130 / 143, no temporary file or lock left, nothing half-written."""
+    argv, point, message, not_written = SIGNAL_POINTS[case]
+    out = tmp_path / 'out'
+    if case != 'benchmark':
+        argv = argv + ['--out', out, '--data-dir', MNIST]
+    if case in ('evaluate', 'visualize'):
+        argv += ['--load', fresh_model_path]
+    elif case == 'figure5':
+        argv += ['--load', multimnist_model_path]
+    result = interrupt(point, signame, *argv)
+    assert result.returncode == status, result.stderr
+    assert one_error_line(result.stderr) == message
+    assert leftovers_below(tmp_path) == []
+    for name in not_written:
+        assert not (out / name).exists(), name
+
+
+@pytest.mark.parametrize('argv', [
+    ['train.py', '--no-progress'], ['evaluate.py', '--load', 'M'],
+    ['visualize.py', '--load', 'M'],
+    ['experiments.py', 'table1', '--epoch', '1', '--rows', 'r1'],
+    ['dev/gpu_check.py', '--dry-run', '--data-dir', '.']],
+    ids=['train', 'evaluate', 'visualize', 'experiments', 'gpu_check'])
+def test_out_that_is_a_file(blocker, fresh_model_path, argv):
+    """It said '(File exists)'; gpu_check.py printed a traceback."""
+    argv = [fresh_model_path if a == 'M' else a for a in argv]
+    assert_one_error(run_script(*argv, '--out', blocker), 'cannot write to {}: it '
+                     'is a file, not a folder; choose another --out'.format(
+                         blocker), status=1)
+    assert blocker.read_text() == 'keep me'
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """benchmark.py -b 1000000000 printed NumPy's MemoryError traceback;
+    any tool under cli.run_main now says it in one line."""
+    from capsnet import cli
+
+    def main(argv):
+        raise MemoryError('Unable to allocate 5.70 TiB for an array')
+    assert cli.run_main(main) == 1
+    err = capsys.readouterr().err
+    assert err == ('error: out of memory (Unable to allocate 5.70 TiB for an '
+                   'array); use smaller batches (--batchsize/-b, '
+                   '--eval-batchsize) or a smaller --input-size\n')

@@ -26,10 +26,9 @@ import pytest
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
-
 from capsnet.data import mnist
-
-from conftest import MNIST_DIR, needs_mnist
+from conftest import (MNIST_DIR, MNIST_FILES, Unchanged, assert_one_error,
+                      needs_mnist, run_script)
 
 MNIST_MD5 = mnist.DATASETS['mnist']['files']
 
@@ -724,3 +723,120 @@ def test_a_data_dir_that_held_the_files_is_remembered(tmp_path,
     assert mnist.find_data_dir('mnist') == os.path.abspath(MNIST_DIR)
     _, _, again = mnist.get_mnist_like(test_size=5, need_train=False)
     numpy.testing.assert_array_equal(again[0][0], test[0][0])
+
+
+def link_or_copy(source, target):
+    try:
+        os.symlink(source, target)
+    except OSError:
+        shutil.copy(source, target)
+
+
+def data_dir_with(folder, mnist_dir, name, content):
+    """A --data-dir holding the real MNIST files but ``name`` = content."""
+    os.makedirs(str(folder))
+    for fname in MNIST_FILES:
+        target = os.path.join(str(folder), fname)
+        if fname == name:
+            with open(target, 'wb') as f:
+                f.write(content)
+        else:
+            link_or_copy(os.path.join(mnist_dir, fname), target)
+    return str(folder)
+
+
+@pytest.fixture
+def truncated_data(tmp_path, mnist_dir):
+    """train-images cut to its first 100,000 bytes."""
+    name = 'train-images-idx3-ubyte.gz'
+    with open(os.path.join(mnist_dir, name), 'rb') as f:
+        head = f.read(100000)
+    return data_dir_with(tmp_path / 'truncated', mnist_dir, name, head), name
+
+
+@pytest.fixture
+def wrong_md5_data(tmp_path, mnist_dir):
+    """train-labels replaced by a valid IDX file (60,000 zeros) whose md5
+    is not the published one."""
+    name = 'train-labels-idx1-ubyte.gz'
+    content = gzip.compress(struct.pack('>II', 2049, 60000) + bytes(60000))
+    return data_dir_with(tmp_path / 'wrong-md5', mnist_dir, name,
+                         content), name
+
+
+def data_command(program, data_dir, out, model):
+    """(argv, files that must stay unchanged) for a tool reading MNIST."""
+    if program == 'train.py':
+        return (['--no-progress', '--data-dir', data_dir, '-o', out,
+                 '--save', out / 'model.npz'],
+                [out / 'model.npz'])   # a final.json would be another run's
+    if program == 'visualize.py':
+        return (['--load', model, '--data-dir', data_dir, '-o', out],
+                [out / 'vis.png'])
+    if program == 'evaluate.py':
+        return (['--load', model, '--data-dir', data_dir, '-o', out],
+                [out / 'confusion.png', out / 'evaluation.json'])
+    return ['--data-dir', data_dir], []
+
+
+PROGRAMS_READING_MNIST = ['train.py', 'visualize.py', 'evaluate.py',
+                          '-m capsnet.data.mnist']
+
+
+@pytest.mark.parametrize('program', PROGRAMS_READING_MNIST)
+@pytest.mark.parametrize('bad_data, fragments', [
+    # the expected md5 is the published one of the file
+    ('truncated_data', ['md5 is', 'truncated',
+                        'f68b3c2dcbeaaa9fbdd348bbdeb94873']),
+    ('wrong_md5_data', ['md5 is', 'expected d53e105ee54ea40749a09fcbcd1e9432']),
+], ids=['truncated', 'wrong-md5'])
+def test_bad_dataset_file(program, bad_data, fragments, tmp_path, request,
+                          fresh_model_path):
+    data_dir, name = request.getfixturevalue(bad_data)
+    argv, outputs = data_command(program, data_dir, tmp_path / 'out',
+                                 fresh_model_path)
+    kept = Unchanged(*outputs + [os.path.join(data_dir, name)])
+    assert_one_error(run_script(program, *argv), name, data_dir, *fragments)
+    kept.check()
+
+
+@pytest.mark.parametrize('program', ['-m capsnet.data.mnist', 'train.py'])
+def test_unusable_dataset_cache_folder(program, tmp_path, blocker):
+    """No --data-dir: the download cache under CHAINER_DATASET_ROOT cannot
+    be created (reported before any download is tried)."""
+    argv = ['--no-progress', '-o', tmp_path / 'out'] \
+        if program == 'train.py' else []
+    result = run_script(program, *argv,
+                        env={'CHAINER_DATASET_ROOT': str(blocker / 'root')})
+    assert_one_error(result, 'cannot create the cache folder',
+                     'CHAINER_DATASET_ROOT')
+    assert 'downloading' not in result.stdout
+    assert blocker.read_text() == 'keep me'
+
+
+def test_datasets_cli_unknown_dataset():
+    assert_one_error(run_script('-m capsnet.data.mnist', '--dataset', 'cifar'),
+                     "unknown dataset 'cifar'", 'mnist, fashion-mnist',
+                     status=1)
+
+
+@pytest.mark.parametrize('what', ['file', 'missing'])
+def test_data_dir_that_is_not_a_folder(blocker, tmp_path, what):
+    """It said 'train-images-idx3-ubyte.gz not found in F'."""
+    data_dir = blocker if what == 'file' else tmp_path / 'nowhere'
+    assert_one_error(run_script('train.py', '--data-dir', data_dir, '-o',
+                                tmp_path / 'out'), '--data-dir {} {}; pass the '
+                     'folder holding the four mnist files'.format(
+                         data_dir, 'is a file, not a folder'
+                         if what == 'file' else 'does not exist'), status=1)
+
+
+def test_train_size_beyond_what_validation_leaves(mnist_dir, tmp_path):
+    """It said 'train_size must be between 1 and 1', without naming the
+    hold-out that left one example nor the flag."""
+    assert_one_error(run_script('train.py', '--data-dir', mnist_dir, '-o',
+                                tmp_path / 'out', '--validation', '59999',
+                                '--train-size', '100'),
+                     '--train-size 100 is beyond the data: mnist has 60000 '
+                     'training examples (1 with --validation 59999 held '
+                     'out); use at most 1', status=1)

@@ -1,5 +1,6 @@
-"""benchmark.py's profile: the host timer's exclusive times per function,
-and the profile in the JSON line (its bad flags are in test_bad_input)."""
+"""dev/benchmark.py: the profile (the host timer's exclusive times per
+function, the profile in the JSON line), --kernel-profile with and without
+PyTorch, and bad flags and devices in one line."""
 import gzip
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 import benchmark
+from conftest import assert_one_error, needs_no_cupy, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,68 +66,6 @@ def test_profile_is_in_the_json_line():
 
 # -- --kernel-profile: the GPU's side of a step, read from PyTorch's trace --
 
-def span(cat, name, ts, dur, correlation=None):
-    event = {'ph': 'X', 'cat': cat, 'name': name, 'ts': ts, 'dur': dur}
-    if correlation is not None:
-        event['args'] = {'correlation': correlation}
-    return event
-
-
-def synthetic_trace():
-    """Two steps on one stream: each launches a GEMM inside
-    Convolution2DFunction.forward, an elementwise kernel inside
-    DigitCapsules.backward nested in an outer range, a memcpy outside any
-    range; one kernel's launch was not recorded."""
-    events = [{'ph': 'M', 'name': 'process_name'}]   # metadata, ignored
-    for step, base in enumerate((0, 1000)):
-        c = 10 * step
-        events += [
-            span('user_annotation', 'Convolution2DFunction.forward',
-                 base, 100),
-            span('cuda_runtime', 'cudaLaunchKernel', base + 10, 5, c + 1),
-            span('user_annotation', 'step', base + 200, 400),
-            span('user_annotation', 'DigitCapsules.backward', base + 300, 50),
-            span('cuda_driver', 'cuLaunchKernel', base + 310, 5, c + 2),
-            span('cuda_runtime', 'cudaMemcpyAsync', base + 700, 5, c + 3),
-            # the device side: GEMM 40 us, elementwise 10 us overlapping
-            # nothing, memcpy 5 us, one kernel without its launch 20 us
-            span('kernel', 'sgemm_128x64', base + 20, 40, c + 1),
-            span('kernel', 'cupy_multiply', base + 320, 10, c + 2),
-            span('gpu_memcpy', 'Memcpy HtoD', base + 705, 5, c + 3),
-            span('kernel', 'lost_launch', base + 800, 20, c + 4),
-            # a range on the device's timeline is not a device operation
-            span('gpu_user_annotation', 'step', base + 300, 40),
-        ]
-    return {'traceEvents': events}
-
-
-def test_kernel_summary_charges_each_kernel_to_its_innermost_range():
-    import kernel_profile
-    summary = kernel_profile.summarize_trace(synthetic_trace(), steps=2,
-                                             wall_s=0.002)
-    assert summary['device_ops_per_step'] == 4
-    assert summary['device_ms_per_step'] == 0.075          # 40+10+5+20 us
-    assert summary['busy_ms_per_step'] == 0.075            # no overlaps
-    assert summary['wall_ms_per_step'] == 1.0
-    assert summary['idle_percent'] == 92.5
-    assert summary['by_range'] == {
-        'Convolution2DFunction.forward': [0.04, 1],
-        kernel_profile.OTHER: [0.025, 2],        # the memcpy, the lost one
-        'DigitCapsules.backward': [0.01, 1]}     # not the outer 'step'
-    assert summary['top_ops'][0] == ['sgemm_128x64', 0.04, 1]
-    assert ['[gpu_memcpy] Memcpy HtoD', 0.005, 1] in summary['top_ops']
-
-
-def test_busy_time_counts_overlapping_kernels_once():
-    import kernel_profile
-    trace = {'traceEvents': [span('kernel', 'a', 0, 10),
-                             span('kernel', 'b', 5, 10),     # overlaps a
-                             span('kernel', 'c', 30, 10)]}
-    summary = kernel_profile.summarize_trace(trace, steps=1, wall_s=1e-4)
-    assert summary['device_ms_per_step'] == 0.03
-    assert summary['busy_ms_per_step'] == 0.025
-    assert summary['by_range'] == {kernel_profile.OTHER: [0.03, 3]}
-
 
 def test_kernel_profile_without_torch_is_one_clear_line(tmp_path):
     # as on a machine without PyTorch, whether or not this one has it
@@ -162,3 +102,31 @@ def test_kernel_profile_runs_where_torch_is_installed(tmp_path):
              'user_annotation'}
     assert {'DigitCapsules.forward', 'DigitCapsules.backward',
             'optimizer.update'} <= names
+
+
+def test_benchmark_batchsize_zero():
+    assert_one_error(run_script('dev/benchmark.py', '-b', '0'), '--batchsize',
+                     'must be an integer > 0', status=2)
+
+
+@pytest.mark.parametrize('flags, fragments', [
+    (['--routing', '0'], ['argument --routing:', "an integer > 0, got '0'"]),
+    (['--eval-batchsize', '-5'], ['argument --eval-batchsize:',
+                                  "an integer > 0, got '-5'"]),
+    (['--threads', '0'], ['argument --threads:', "an integer > 0, got '0'"]),
+    (['--warmup', '-1'], ['argument --warmup:', "an integer >= 0, got '-1'"]),
+    (['--repeats', 'abc'], ['argument --repeats:',
+                            "an integer > 0, got 'abc'"])],
+    ids=['routing-0', 'eval-batchsize-negative', 'threads-0',
+         'warmup-negative', 'repeats-not-a-number'])
+def test_benchmark_other_bad_numbers(flags, fragments):
+    assert_one_error(run_script('dev/benchmark.py', '-b', '1', '--repeats', '1',
+                                '--no-plain', *flags), *fragments, status=2)
+
+
+@needs_no_cupy
+def test_benchmark_gpu_without_cupy():
+    """benchmark.py had a device message of its own ('(...); check
+    --device'); it now takes the other tools' line."""
+    assert_one_error(run_script('dev/benchmark.py', '-d', '@cupy:0', '--repeats', '1'),
+                     '@cupy:0', 'CuPy cannot be used here', status=1)

@@ -12,9 +12,10 @@ import numpy
 import pytest
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
-import evaluate
 from capsnet import figures
-from conftest import one_error_line, tile_shape
+import evaluate
+from conftest import (Unchanged, assert_one_error, one_error_line, run_script,
+                      tile_shape)
 
 KEYS = {'test_error', 'errors', 'n', 'per_class_error', 'confusion',
         'mean_length_true', 'mean_length_runner_up', 'model', 'options',
@@ -243,3 +244,23 @@ def test_gpu_without_cupy_is_one_line(tmp_path, fresh_model_path, run_tool):
         '--load', fresh_model_path, '-g', '0', '--out', tmp_path / 'e'])
     assert status != 0
     assert 'CuPy' in one_error_line(err)
+
+
+def test_evaluate_bad_model_overwrites_nothing(tmp_path, fresh_model_path):
+    half = tmp_path / 'half.npz'
+    with open(fresh_model_path, 'rb') as f:
+        data = f.read()
+    half.write_bytes(data[:len(data) // 2])
+    out = tmp_path / 'eval'
+    kept = Unchanged(out / 'confusion.png', out / 'misclassified.png',
+                     out / 'evaluation.json')
+    assert_one_error(run_script('evaluate.py', '--load', half, '-o', out),
+                     str(half), 'truncated or corrupt', status=1)
+    kept.check()
+
+
+def test_evaluate_batchsize_zero(tmp_path, fresh_model_path):
+    assert_one_error(run_script('evaluate.py', '--load', fresh_model_path, '-b', '0',
+                                '-o', tmp_path / 'e'),
+                     '--batchsize', 'must be an integer > 0', status=2)
+    assert not (tmp_path / 'e').exists()

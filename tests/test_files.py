@@ -1,5 +1,9 @@
-"""capsnet.files: the cleanup of interrupted writes touches only the names
-the project makes, and a fresh run refuses a folder holding another run."""
+"""capsnet/files.py: atomic writes (a full disk keeps the old file), the
+cleanup of interrupted writes (only the names the project makes), a fresh
+run refusing a folder holding another run, the locks of --out, and model
+files: damaged, foreign, unreadable, non-finite or a folder, each one line
+in every tool that reads them; a model file written before the
+restructure (tests/fixtures) still loads."""
 import errno
 import json
 import os
@@ -20,9 +24,9 @@ import nets
 import predict
 import train
 import visualize
-from conftest import assert_one_error, leftovers, one_error_line, run_script
+from conftest import (assert_one_error, leftovers, needs_mnist, one_error_line,
+                      run_script)
 from conftest import MNIST_DIR as MNIST
-from conftest import needs_mnist
 
 
 # --------------------------------------------------------------------------
@@ -311,7 +315,8 @@ def test_npz_file_that_is_not_a_model_of_this_project(program, tmp_path):
     argv += [tmp_path / 'x.png'] if program == 'predict.py' else [
         '-o', tmp_path / 'out']
     assert_one_error(run_script(program, *argv), str(path),
-                     'not a model file of this project',
+                     'neither a model file nor a training snapshot of this '
+                     'project',
                      status=2 if program == 'predict.py' else 1)
 
 
@@ -392,3 +397,76 @@ def test_a_training_snapshot_loads_as_the_model_it_holds(tmp_path):
     for (name, a), (_, b) in zip(sorted(from_snapshot.namedparams()),
                                  sorted(from_model.namedparams())):
         numpy.testing.assert_array_equal(a.array, b.array, err_msg=name)
+
+
+def test_single_digit_tools_refuse_a_multimnist_model(tmp_path, capsys):
+    numpy.random.seed(0)
+    path = str(tmp_path / 'm.npz')
+    files.save_model(path, nets.TwoDigitCapsNet(reconstruct=False))
+    with pytest.raises(CapsNetError) as e:
+        files.load_model_or_fail(path, nets.ARCHITECTURES,
+                                 purpose='predict.py')
+    assert e.value.status == 1
+    message = str(e.value)
+    assert message.count('\n') == 0
+    assert 'MultiMNIST model' in message
+    assert 'predict.py works on single' in message
+
+
+# -- a model file written before the restructure (tests/fixtures) ----------
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        'fixtures')
+
+
+def test_a_model_file_of_the_code_before_the_restructure_loads():
+    """model_io.save_model of commit 9283104 (the weights zeroed: small)."""
+    model = files.load_model(os.path.join(FIXTURES, 'old_model.npz'),
+                             nets.ARCHITECTURES)
+    assert type(model) is nets.CapsNet and model.arch == 'capsnet'
+    assert model.options == dict(
+        routing=3, reconstruct=False, activation='relu', leaky_slope=0.01,
+        share_weights=False, input_size=28, n_classes=10)
+    assert not hasattr(model, 'decoder')
+    assert nets.count_parameters(model) == 8215568 - 1411344
+    assert all(not p.array.any() for p in model.params())
+
+
+def test_load_errors_are_one_clear_line(tmp_path):
+    missing = str(tmp_path / 'nope.npz')
+    with pytest.raises(files.ModelFileError, match='does not exist'):
+        files.load_model(missing, nets.ARCHITECTURES)
+    path = str(tmp_path / 'model.npz')
+    files.save_model(path, nets.CapsNet(routing=1))
+    data = open(path, 'rb').read()
+    truncated = str(tmp_path / 'truncated.npz')
+    with open(truncated, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(files.ModelFileError, match='truncated or corrupt') \
+            as error:
+        files.load_model(truncated, nets.ARCHITECTURES)
+    assert '\n' not in str(error.value)
+    foreign = str(tmp_path / 'foreign.npz')
+    numpy.savez(foreign, W=numpy.zeros(3))
+    with pytest.raises(files.ModelFileError,
+                       match='neither a model file nor a training snapshot'):
+        files.load_model(foreign, nets.ARCHITECTURES)
+    with pytest.raises(files.ModelFileError, match='routing=1 in the file'):
+        files.load_model(path, nets.ARCHITECTURES, expected_options={'routing': 3})
+
+
+def test_interrupted_save_leaves_the_earlier_model_intact(tmp_path,
+                                                          monkeypatch):
+    path = str(tmp_path / 'model.npz')
+    files.save_model(path, nets.CapsNet(routing=1))
+    before = open(path, 'rb').read()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt('killed while writing')
+
+    monkeypatch.setattr(numpy, 'savez_compressed', crash)
+    with pytest.raises(KeyboardInterrupt):
+        files.save_model(path, nets.CapsNet(routing=2))
+    assert open(path, 'rb').read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.npz']
+    assert files.load_model(path, nets.ARCHITECTURES).options['routing'] == 1

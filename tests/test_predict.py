@@ -5,18 +5,19 @@ in conftest.py.
 """
 import json
 import os
+import signal
 
 import numpy
 import pytest
 import scipy.ndimage
 from PIL import Image
 
+from capsnet import figures, files
 from capsnet.data import mnist
-from capsnet import figures
-from capsnet import files
 import nets
 import predict
-from conftest import one_error_line, tile_shape
+from conftest import (Unchanged, assert_one_error, needs_mnist, needs_no_cupy,
+                      one_error_line, run_script, start, tile_shape, wait_for)
 
 
 def bar_image(height=100, width=60, value=1.0, background=0.0):
@@ -285,3 +286,73 @@ def test_folder_without_images_and_usage_errors(tmp_path, fresh_model_path,
         '--load', fresh_model_path, '--invert', 'maybe', 'x.png'])
     assert status == 2
     assert '--invert' in one_error_line(err)
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130),
+                                            (signal.SIGTERM, 143)])
+def test_predict_interrupted_is_one_line(tmp_path, fresh_model_path, signum,
+                                         status):
+    from PIL import Image
+    image = tmp_path / 'digit.png'
+    pixels = numpy.zeros((28, 28), numpy.uint8)
+    pixels[6:22, 12:16] = 255  # a 1
+    Image.fromarray(pixels).save(str(image))
+    process = start('predict.py', '--load', fresh_model_path, '-b', '1',
+                    *[image] * 2000)
+    wait_for(lambda: process.stdout.readline() != '', process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == status, err
+    assert one_error_line(err) == 'error: interrupted'
+
+
+def test_predict_reconstruct_rejects_a_baseline_model(
+        tmp_path, small_baseline_path):
+    kept = Unchanged(tmp_path / 'r.png')
+    result = run_script('predict.py', '--load', small_baseline_path,
+                        '--reconstruct', tmp_path / 'r.png', tmp_path / 'x.png')
+    assert_one_error(result, small_baseline_path, 'no decoder', status=2)
+    assert result.stdout == ''
+    kept.check()
+
+
+def test_predict_model_with_an_input_smaller_than_mnist(
+        tmp_path, small_baseline_path):
+    from PIL import Image
+    image = numpy.zeros((28, 28), numpy.uint8)
+    image[5:20, 10:14] = 255
+    Image.fromarray(image).save(str(tmp_path / 'digit.png'))
+    assert_one_error(run_script('predict.py', '--load', small_baseline_path,
+                                tmp_path / 'digit.png'), small_baseline_path,
+                     'smaller than the 28 x 28', status=2)
+
+
+def test_predict_batchsize_zero(tmp_path, fresh_model_path):
+    assert_one_error(run_script('predict.py', '--load', fresh_model_path, '-b', '0',
+                                tmp_path / 'x.png'),
+                     '--batchsize', 'must be an integer > 0', status=2)
+
+
+@needs_no_cupy
+def test_predict_gpu_without_cupy(tmp_path, fresh_model_path):
+    assert_one_error(run_script('predict.py', '--load', fresh_model_path, '-g', '0',
+                                tmp_path / 'x.png'),
+                     '@cupy:0', 'CuPy cannot be used here', status=2)
+
+
+def test_predict_unwritable_reconstruct(tmp_path, blocker, fresh_model_path):
+    assert_one_error(run_script('predict.py', '--load', fresh_model_path,
+                                '--reconstruct', blocker / 'r.png',
+                                tmp_path / 'x.png'),
+                     'cannot write to', '--reconstruct', status=2)
+    assert blocker.read_text() == 'keep me'
+
+
+def test_predict_reconstruct_to_a_folder(tmp_path, fresh_model_path):
+    """Found out only after classifying every input."""
+    assert_one_error(run_script('predict.py', '--load', fresh_model_path,
+                                '--reconstruct', tmp_path, tmp_path / 'x.png'),
+                     '--reconstruct {} is a folder; give a file name, e.g. '
+                     '{}'.format(tmp_path, tmp_path / 'recon.png'), status=2)

@@ -11,13 +11,12 @@ from PIL import Image
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 import chainer
-
-from capsnet import figures
-from capsnet import files
+from capsnet import figures, files
 from capsnet.data import mnist
 import nets
 import visualize
-from conftest import one_error_line, tile_shape
+from conftest import (Unchanged, assert_one_error, needs_no_cupy,
+                      one_error_line, run_script, tile_shape)
 
 B = figures.BORDER
 
@@ -340,3 +339,20 @@ def test_html_file_may_be_named_anywhere(tmp_path, mnist_dir,
         '--range', '0'])
     assert status == 0, err
     assert page.exists() and not (tmp_path / 'vis' / 'explorer.html').exists()
+
+
+def test_visualize_rejects_a_baseline_model(tmp_path, small_baseline_path):
+    kept = Unchanged(tmp_path / 'vis' / 'vis.png')
+    assert_one_error(run_script('visualize.py', '--load', small_baseline_path,
+                                '-o', tmp_path / 'vis'),
+                     'holds the baseline network, not a CapsNet', status=1)
+    kept.check()
+
+
+@needs_no_cupy
+def test_visualize_gpu_without_cupy(tmp_path, fresh_model_path):
+    kept = Unchanged(tmp_path / 'vis' / 'vis.png')
+    assert_one_error(run_script('visualize.py', '--load', fresh_model_path, '-g', '0',
+                                '-o', tmp_path / 'vis'),
+                     '@cupy:0', 'CuPy cannot be used here', status=1)
+    kept.check()
