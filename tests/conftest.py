@@ -23,7 +23,8 @@
   of a small run); ``leftovers(folder)`` / ``leftovers_below(folder)`` (what
   an interrupted write left), ``Unchanged(*paths)`` (files that must not
   change), the ``blocker`` fixture (a file where a folder is wanted),
-  ``needs_no_cupy`` (skip where CuPy is installed).
+  ``needs_no_cupy`` (skip where CuPy is installed),
+  ``assert_missing_data_dir`` (a tool's line for a --data-dir not there).
 - GPU switch: tests marked ``gpu`` run only when the environment variable
   CAPSNET_TEST_GPU is 1 (``CAPSNET_TEST_GPU=1 python -m pytest -q -m gpu``);
   otherwise they are skipped with that reason, so CI without a GPU stays
@@ -304,3 +305,11 @@ def blocker(tmp_path):
 def random(*shape, seed=0, scale=1.0):
     """Standard normal float64 array of ``shape`` (times ``scale``)."""
     return numpy.random.RandomState(seed).randn(*shape) * scale
+
+
+def assert_missing_data_dir(run_tool, main, argv, data_dir):
+    """A tool given a --data-dir that does not exist: one line naming it."""
+    status, _, err = run_tool(main, list(argv) + ['--data-dir', data_dir])
+    assert status != 0
+    assert '--data-dir {} does not exist'.format(data_dir) in \
+        one_error_line(err)

@@ -14,8 +14,8 @@ import pytest
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from capsnet import figures
 import evaluate
-from conftest import (Unchanged, assert_one_error, one_error_line, run_script,
-                      tile_shape)
+from conftest import (Unchanged, assert_missing_data_dir, assert_one_error,
+                      one_error_line, run_script, tile_shape)
 
 KEYS = {'test_error', 'errors', 'n', 'per_class_error', 'confusion',
         'mean_length_true', 'mean_length_runner_up', 'model', 'options',
@@ -207,12 +207,9 @@ def test_unknown_dataset_is_a_usage_error(tmp_path, fresh_model_path,
 
 
 def test_missing_data_is_one_line(tmp_path, fresh_model_path, run_tool):
-    status, _, err = run_tool(evaluate.main, [
-        '--load', fresh_model_path, '--data-dir', tmp_path / 'nowhere',
-        '--out', tmp_path / 'e'])
-    assert status != 0
-    assert '--data-dir {} does not exist'.format(tmp_path / 'nowhere') in \
-        one_error_line(err)
+    assert_missing_data_dir(run_tool, evaluate.main, [
+        '--load', fresh_model_path, '--out', tmp_path / 'e'],
+        tmp_path / 'nowhere')
 
 
 def test_too_large_test_size_is_one_line(tmp_path, mnist_dir,

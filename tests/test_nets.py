@@ -494,12 +494,17 @@ def test_fast_baseline_equals_plain_in_float64():
     within rounding of zero can take the other branch in one path, which
     moves a bias gradient by a visible fraction while both are right."""
     numpy.random.seed(0)
-    baseline_model = nets.BaselineCNN(dropout=0)
-    for param in baseline_model.params():
+    assert_fast_equals_plain_in_float64(
+        nets.BaselineCNN(dropout=0), numpy.random.rand(3, 1, 28, 28),
+        numpy.array([1, 4, 9], dtype=numpy.int32))
+
+
+def assert_fast_equals_plain_in_float64(model, x, t):
+    """The model's loss and every gradient, in float64, alike on the fast
+    and the plain path."""
+    for param in model.params():
         param.array = param.array.astype(numpy.float64)
-    x = numpy.random.rand(3, 1, 28, 28)
-    t = numpy.array([1, 4, 9], dtype=numpy.int32)
-    results = both_paths(baseline_model, x, t)
+    results = both_paths(model, x, t)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
     for name, grad in results[False][1].items():
         numpy.testing.assert_allclose(results[True][1][name], grad,
@@ -523,18 +528,12 @@ def test_fast_pooling_cnn_equals_plain_in_float64():
     and gradients, and is the one chosen on the CPU for sides divisible by
     4 (Chainer's cover_all pooling differs on odd sides)."""
     numpy.random.seed(1)
-    baseline_model = nets.PoolingCNN(input_size=16, dropout=0)
-    assert baseline_model._use_fast()
+    model = nets.PoolingCNN(input_size=16, dropout=0)
+    assert model._use_fast()
     assert not nets.PoolingCNN(input_size=18)._use_fast()
-    for param in baseline_model.params():
-        param.array = param.array.astype(numpy.float64)
-    x = numpy.random.rand(3, 1, 16, 16)
-    t = numpy.array([0, 5, 7], dtype=numpy.int32)
-    results = both_paths(baseline_model, x, t)
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)
-    for name, grad in results[False][1].items():
-        numpy.testing.assert_allclose(results[True][1][name], grad,
-                                      rtol=1e-9, atol=1e-12, err_msg=name)
+    assert_fast_equals_plain_in_float64(
+        model, numpy.random.rand(3, 1, 16, 16),
+        numpy.array([0, 5, 7], dtype=numpy.int32))
 
 
 # -- the two-digit networks (MultiMNIST): objective, evaluation, counts ----

@@ -52,17 +52,25 @@ def copy_run(two_epochs, tmp_path):
     return out
 
 
+# what a resume of two_epochs is refused with: (flags, the line's words)
+REFUSED = {
+    'batchsize': (['-b', '30'], 'batchsize=50 in the snapshot, 30 asked'),
+    'seed': (['--seed', '5'], 'seed=0 in the snapshot, 5 asked'),
+    'alpha': (['--alpha', '0.01'], 'alpha=0.001 in the snapshot, 0.01 '
+              'asked'),
+    'train-size': (['--train-size', '100'], 'train_size=150 in the '
+                   'snapshot, 100 asked'),
+    'epoch-passed': (['-e', '1'], 'is at epoch 2, beyond --epoch 1; pass '
+                     '--epoch 2'),
+}
+
+
 @pytest.mark.slow
 @needs_mnist
-@pytest.mark.parametrize('flags, fragment', [
-    (['-b', '30'], 'batchsize=50 in the snapshot, 30 asked'),
-    (['--seed', '5'], 'seed=0 in the snapshot, 5 asked'),
-    (['--alpha', '0.01'], 'alpha=0.001 in the snapshot, 0.01 asked'),
-    (['--train-size', '100'], 'train_size=150 in the snapshot, 100 asked'),
-    (['-e', '1'], 'is at epoch 2, beyond --epoch 1; pass --epoch 2'),
-], ids=['batchsize', 'seed', 'alpha', 'train-size', 'epoch-passed'])
+@pytest.mark.parametrize('case', sorted(REFUSED))
 def test_resume_with_other_settings_is_refused(two_epochs, tmp_path,
-                                               run_tool, flags, fragment):
+                                               run_tool, case):
+    flags, fragment = REFUSED[case]
     out = copy_run(two_epochs, tmp_path)
     argv = ['--data-dir', MNIST, *TINY_TRAIN, '-e', '3', '-o', out, '--autoload']
     argv[argv.index('-b') + 1] = '50'

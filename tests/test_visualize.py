@@ -15,8 +15,8 @@ from capsnet import figures, files
 from capsnet.data import mnist
 import nets
 import visualize
-from conftest import (Unchanged, assert_one_error, needs_no_cupy,
-                      one_error_line, run_script, tile_shape)
+from conftest import (Unchanged, assert_missing_data_dir, assert_one_error,
+                      needs_no_cupy, one_error_line, run_script, tile_shape)
 
 B = figures.BORDER
 
@@ -260,12 +260,9 @@ def test_model_without_decoder_is_one_clear_line(
 
 
 def test_missing_dataset_is_one_line(tmp_path, fresh_model_path, run_tool):
-    status, _, err = run_tool(visualize.main, [
-        '--load', fresh_model_path, '--out', tmp_path / 'vis',
-        '--data-dir', tmp_path / 'nowhere'])
-    assert status != 0
-    assert '--data-dir {} does not exist'.format(tmp_path / 'nowhere') in \
-        one_error_line(err)
+    assert_missing_data_dir(run_tool, visualize.main, [
+        '--load', fresh_model_path, '--out', tmp_path / 'vis'],
+        tmp_path / 'nowhere')
 
 
 def test_unwritable_output_is_one_line(tmp_path, fresh_model_path,
