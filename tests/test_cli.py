@@ -245,7 +245,7 @@ SIGNAL_POINTS = {
                     '--test-digits', '20', '--test-pairs-per-digit', '1',
                     '--rows', 'capsnet', '--batchsize', '20'], 'write',
                    EXPERIMENTS_INTERRUPTED,
-                   ['data/multimnist-train.npz']),
+                   ['capsnet-trial0/final.json', 'results.json']),
     'affnist': (['experiments.py', 'affnist', '--epoch', '1',
                  '--train-size', '20', '--test-size', '10', '--rows',
                  'capsnet', '--batchsize', '10'],
