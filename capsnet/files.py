@@ -135,7 +135,8 @@ def remove_leftovers(folder):
 #: what a training run writes in its --out (train.py and the trainer's
 #: extensions): the epoch snapshots, the summary, the plots, the best model
 RUN_FILE = re.compile(r'(snapshot_epoch_\d+|final\.json|loss\.png|'
-                      r'accuracy\.png|model_best_val\.npz)\Z')
+                      r'accuracy\.png|error\.png|model\.npz|'
+                      r'model_best_val\.npz)\Z')
 #: under MPI rank r > 0 keeps its snapshots in --out/rank<r>
 RANK_FOLDER = re.compile(r'rank(?P<rank>[1-9]\d*)\Z')
 LOG_NAME = 'log'
