@@ -429,23 +429,34 @@ def multimnist_data(args):
     return sets
 
 
-def run_multimnist(args):
-    jobs = [runs.Job(args.out, row, trial, multimnist_config(args, row,
-                                                               trial))
+def paper_sweep(args, config_of, settings_of, read_data, fit, write_table):
+    """The sweep of a paper experiment: a job per (row, trial), each trained
+    by ``fit(settings, model, data, folder)`` on the data ``read_data()``
+    gives (read once, at the first job that runs), the table rewritten
+    after every job. Returns the table's summary."""
+    jobs = [runs.Job(args.out, row, trial, config_of(args, row, trial))
             for trial in range(args.trials) for row in args.rows]
     device = devices.select_device(args)
     data = []
 
     def train(job):
         if not data:
-            data.extend(multimnist_data(args))
-        settings = multimnist_settings(args, job.row, job.trial)
+            data.append(read_data(args))
+        settings = settings_of(args, job.row, job.trial)
         numpy.random.seed(settings.seed)
-        model = nets.build(settings.arch, settings.recipe)
-        loop.fit(settings, model, data[0], dict(test=data[1]), device)
+        model = nets.build(settings.arch, settings.recipe,
+                           **settings.model_options())
+        fit(settings, model, data[0], device, job.folder)
     runs.sweep(jobs, args.epoch, train, args.command,
-               after_each=lambda: write_multimnist_table(args, jobs))
-    return write_multimnist_table(args, jobs)
+               after_each=lambda: write_table(args, jobs))
+    return write_table(args, jobs)
+
+
+def run_multimnist(args):
+    def fit(settings, model, data, device, folder):
+        loop.fit(settings, model, data[0], dict(test=data[1]), device)
+    return paper_sweep(args, multimnist_config, multimnist_settings,
+                       multimnist_data, fit, write_multimnist_table)
 
 
 def _test_error(final):
@@ -569,31 +580,22 @@ def affnist_data(args):
 
 
 def run_affnist(args):
-    jobs = [runs.Job(args.out, row, trial, affnist_config(args, row, trial))
-            for trial in range(args.trials) for row in args.rows]
-    device = devices.select_device(args)
-    data = []
-
-    def train(job):
-        if not data:
-            data.extend(affnist_data(args))
-        settings = affnist_settings(args, job.row, job.trial)
-        numpy.random.seed(settings.seed)
-        model = nets.build(settings.arch, settings.recipe,
-                           **settings.model_options())
-        loop.fit(settings, model, data[0], dict(expanded=data[1],
-                                                affine=data[2]),
-                 device, final_set='expanded')
-        add_affine_history(job.folder, data[3])
     if args.affnist and not os.path.isfile(args.affnist):
         cli.fail('affNIST file {} {}'.format(args.affnist, 'is a folder; '
                  'pass the .mat file' if os.path.isdir(args.affnist) else
                  'does not exist'))
     kind = 'affNIST ({})'.format(args.affnist) if args.affnist else \
         'generated affNIST-like (not affNIST)'
-    runs.sweep(jobs, args.epoch, train, args.command,
-               after_each=lambda: write_affnist_table(args, jobs, kind))
-    return write_affnist_table(args, jobs, kind)
+
+    def fit(settings, model, data, device, folder):
+        train, expanded, affine, _ = data
+        loop.fit(settings, model, train, dict(expanded=expanded,
+                                              affine=affine),
+                 device, final_set='expanded')
+        add_affine_history(folder, data[3])
+    return paper_sweep(args, affnist_config, affnist_settings, affnist_data,
+                       fit, lambda args, jobs: write_affnist_table(
+                           args, jobs, kind))
 
 
 def add_affine_history(folder, kind):

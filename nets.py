@@ -677,26 +677,30 @@ class BaselineCNN(chainer.Chain):
 
     arch = 'baseline'
 
-    def __init__(self, input_size=28, n_classes=10, dropout=0.5, fast=None,
-                 pad=PAD):
-        super().__init__()
-        self.fast = fast
-        self.pad = int(pad)
-        if input_size < 1:
-            raise ValueError('input_size must be >= 1, got {}'
-                             .format(input_size))
+    def _setup(self, input_size, n_classes, dropout, fast, pad, minimum):
+        """What every CNN here starts with: the checks of its arguments,
+        its options (what a model file stores) and its attributes."""
+        chainer.Chain.__init__(self)
+        if input_size < minimum:
+            raise ValueError('input_size must be >= {}, got {}'.format(
+                minimum, input_size))
         if not 0 <= dropout < 1:
             raise ValueError('dropout must be in [0, 1), got {}'
                              .format(dropout))
-        side = input_size + 3 * (2 * self.pad - KERNEL + 1)
-        if side < 1:
-            raise ValueError('input_size {} is too small for unpadded '
-                             'convolutions'.format(input_size))
+        self.fast, self.pad = fast, int(pad)
         self.options = dict(input_size=int(input_size),
                             n_classes=int(n_classes), dropout=float(dropout))
         self.input_size = int(input_size)
         self.n_classes = int(n_classes)
         self.dropout = float(dropout)
+
+    def __init__(self, input_size=28, n_classes=10, dropout=0.5, fast=None,
+                 pad=PAD):
+        self._setup(input_size, n_classes, dropout, fast, pad, 1)
+        side = input_size + 3 * (2 * self.pad - KERNEL + 1)
+        if side < 1:
+            raise ValueError('input_size {} is too small for unpadded '
+                             'convolutions'.format(input_size))
         c1, c2, c3 = CONV_CHANNELS
         with self.init_scope():
             self.conv1 = L.Convolution2D(1, c1, KERNEL, stride=1,
@@ -803,20 +807,7 @@ class PoolingCNN(BaselineCNN):
     FC = (768, 192)
 
     def __init__(self, input_size=40, n_classes=10, dropout=0.5, fast=None):
-        chainer.Chain.__init__(self)
-        if input_size < 4:
-            raise ValueError('input_size must be >= 4, got {}'
-                             .format(input_size))
-        if not 0 <= dropout < 1:
-            raise ValueError('dropout must be in [0, 1), got {}'
-                             .format(dropout))
-        self.fast = fast
-        self.pad = PAD
-        self.options = dict(input_size=int(input_size),
-                            n_classes=int(n_classes), dropout=float(dropout))
-        self.input_size = int(input_size)
-        self.n_classes = int(n_classes)
-        self.dropout = float(dropout)
+        self._setup(input_size, n_classes, dropout, fast, PAD, 4)
         c1, c2, c3 = CONV_CHANNELS
         side = self.input_size // 2 // 2
         with self.init_scope():
@@ -918,20 +909,7 @@ class TwoDigitBaselineCNN(_TwoDigitScores, BaselineCNN):
     FC = 1024
 
     def __init__(self, input_size=36, n_classes=10, dropout=0.0, fast=None):
-        chainer.Chain.__init__(self)
-        if input_size < 1:
-            raise ValueError('input_size must be >= 1, got {}'
-                             .format(input_size))
-        if not 0 <= dropout < 1:
-            raise ValueError('dropout must be in [0, 1), got {}'
-                             .format(dropout))
-        self.fast = fast
-        self.pad = PAD
-        self.options = dict(input_size=int(input_size),
-                            n_classes=int(n_classes), dropout=float(dropout))
-        self.input_size = int(input_size)
-        self.n_classes = int(n_classes)
-        self.dropout = float(dropout)
+        self._setup(input_size, n_classes, dropout, fast, PAD, 1)
         c1, c2 = self.CHANNELS
         side = -(-(-(-self.input_size // 2)) // 2)   # ceil twice
         with self.init_scope():

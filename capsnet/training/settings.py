@@ -117,8 +117,8 @@ class Settings:
                        'final.json and the model', ('--out', '-o'),
                        kind='run')
     save: Optional[str] = setting(
-        None, 'write the trained model to this file too (the run always '
-        'writes OUT/model.npz)', kind='run')
+        None, 'write the trained model to this file instead of '
+        'OUT/model.npz', kind='run')
     resume: Optional[str] = setting(
         None, 'continue from this snapshot (a snapshot_epoch_N in --out)',
         ('--resume', '-r'), kind='run')
