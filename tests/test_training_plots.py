@@ -11,6 +11,7 @@ import numpy
 import pytest
 from PIL import Image
 
+from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
 from capsnet import cli, figures
 from capsnet.training import plots
 from conftest import leftovers
