@@ -739,8 +739,9 @@ def data_dir_with(folder, mnist_dir, name, content):
 
 @pytest.fixture
 def truncated_data(tmp_path, mnist_dir):
-    """train-images cut to its first 100,000 bytes."""
-    name = 'train-images-idx3-ubyte.gz'
+    """The test images cut to their first 100,000 bytes (every tool reads
+    the test files; visualize.py and evaluate.py read them alone)."""
+    name = 't10k-images-idx3-ubyte.gz'
     with open(os.path.join(mnist_dir, name), 'rb') as f:
         head = f.read(100000)
     return data_dir_with(tmp_path / 'truncated', mnist_dir, name, head), name
@@ -748,10 +749,10 @@ def truncated_data(tmp_path, mnist_dir):
 
 @pytest.fixture
 def wrong_md5_data(tmp_path, mnist_dir):
-    """train-labels replaced by a valid IDX file (60,000 zeros) whose md5
+    """The test labels replaced by a valid IDX file (10,000 zeros) whose md5
     is not the published one."""
-    name = 'train-labels-idx1-ubyte.gz'
-    content = gzip.compress(struct.pack('>II', 2049, 60000) + bytes(60000))
+    name = 't10k-labels-idx1-ubyte.gz'
+    content = gzip.compress(struct.pack('>II', 2049, 10000) + bytes(10000))
     return data_dir_with(tmp_path / 'wrong-md5', mnist_dir, name,
                          content), name
 
@@ -759,9 +760,10 @@ def wrong_md5_data(tmp_path, mnist_dir):
 def data_command(program, data_dir, out, model):
     """(argv, files that must stay unchanged) for a tool reading MNIST."""
     if program == 'train.py':
+        # a model.npz or final.json in --out would be another run's
+        saved = out.parent / 'saved.npz'
         return (['--no-progress', '--data-dir', data_dir, '-o', out,
-                 '--save', out / 'model.npz'],
-                [out / 'model.npz'])   # a final.json would be another run's
+                 '--save', saved], [saved])
     if program == 'visualize.py':
         return (['--load', model, '--data-dir', data_dir, '-o', out],
                 [out / 'vis.png'])
@@ -779,8 +781,8 @@ PROGRAMS_READING_MNIST = ['train.py', 'visualize.py', 'evaluate.py',
 @pytest.mark.parametrize('bad_data, fragments', [
     # the expected md5 is the published one of the file
     ('truncated_data', ['md5 is', 'truncated',
-                        'f68b3c2dcbeaaa9fbdd348bbdeb94873']),
-    ('wrong_md5_data', ['md5 is', 'expected d53e105ee54ea40749a09fcbcd1e9432']),
+                        '9fb629c4189551a2d022fa330f9573f3']),
+    ('wrong_md5_data', ['md5 is', 'expected ec29112dd5afa0611ce80d1b7f02629c']),
 ], ids=['truncated', 'wrong-md5'])
 def test_bad_dataset_file(program, bad_data, fragments, tmp_path, request,
                           fresh_model_path):
