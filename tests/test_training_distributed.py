@@ -146,7 +146,7 @@ def test_kill_9_then_autoload_gives_the_same_weights(tmp_path):
 @needs_mnist
 def test_more_ranks_than_training_examples_is_one_line(tmp_path):
     args = ['train.py', '--communicator', 'naive', '-o', tmp_path / 'o'] + \
-        TINY + ['--train-size', '1']
+        TINY + ['--train-size', '1', '-b', '1']
     assert_one_error(mpiexec(2, *args), '2 ranks but only 1 training')
     assert not (tmp_path / 'o' / 'log').exists()
 

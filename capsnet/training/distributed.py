@@ -298,14 +298,14 @@ def scatter(comm, train, test, seed):
     """Each rank's shards: training examples shuffled once by ``seed`` and
     split evenly, test examples split in order (for the exact evaluator)."""
     import chainermn
-    if len(train) < comm.size:
-        cli.fail('{} ranks but only {} training examples; use at most {} '
-                 'processes (mpiexec -n) or more --train-size'.format(
-                     comm.size, len(train), len(train)))
-    if len(test) < comm.size:
-        cli.fail('{} ranks but only {} test examples; use at most {} '
-                 'processes (mpiexec -n) or more --test-size'.format(
-                     comm.size, len(test), len(test)))
+    for what, data, flag in (('training', train, '--train-size'),
+                             ('test', test, '--test-size')):
+        if len(data) < comm.size:   # every rank meets it: said by rank 0
+            if comm.rank:
+                raise RankFailed()
+            raise RankError('{} ranks but only {} {} examples; use at most {} '
+                            'processes (mpiexec -n) or more {}'.format(
+                                comm.size, len(data), what, len(data), flag))
     return (chainermn.scatter_dataset(train, comm, shuffle=True, seed=seed),
             chainermn.scatter_dataset(test, comm))
 
