@@ -28,7 +28,7 @@ from capsnet import devices
 from capsnet.data import mnist
 from capsnet.kernels import KernelOptions
 from capsnet.training import distributed, loop, snapshots
-from capsnet.errors import UsageError
+from capsnet.errors import CapsNetError, UsageError
 from capsnet.training.settings import Settings
 
 INTERRUPTED = 'interrupted; resume with --autoload'
@@ -64,8 +64,14 @@ def parse_settings(argv=None):
 
 
 def main(argv=None):
-    # Settings: every flag defined once (capsnet/training/settings.py)
-    settings = parse_settings(argv)
+    # Settings: every flag defined once (capsnet/training/settings.py); a
+    # bad one under mpiexec is said by rank 0 alone (every rank meets it)
+    try:
+        settings = parse_settings(argv)
+    except CapsNetError as e:
+        if distributed.launched_rank() in (None, 0):
+            raise
+        raise distributed.RankFailed(e.status)
 
     # Device; under MPI this process is one rank of several, and a failure
     # on any rank ends them all (distributed.guard)
@@ -138,8 +144,8 @@ def main(argv=None):
 
         # Resume from --resume, or the newest snapshot with --autoload
         resumed_from = snapshots.resume(
-            trainer, settings.resume, settings.autoload, out, settings.epoch,
-            comm)
+            trainer, settings.resume, settings.autoload, settings.out,
+            settings.epoch, comm)   # --out: each rank finds its own folder
 
         # Run (a divergence or a full disk is one line; an interrupt keeps
         # the last snapshot)

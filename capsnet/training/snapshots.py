@@ -114,7 +114,10 @@ def resume(trainer, resume_path, autoload, out, epochs, comm=None,
             path, ' (the newest there is {}), or continue with --out {} '
             '--autoload'.format(newest, path) if newest else
             ' (snapshot_epoch_N in the --out of a run)'))
-    distributed.check_snapshot_ranks(path, 1 if comm is None else comm.size)
+    # under MPI the ranks are counted from rank 0's snapshot or --out
+    distributed.check_snapshot_ranks(
+        path if comm is None else resume_path or out,
+        1 if comm is None else comm.size)
     check_recorded(trainer, path)
     try:
         with open(path, 'rb') as f:  # closed even if the file is damaged
