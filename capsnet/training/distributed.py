@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import sys
+import time
 import traceback
 
 from capsnet import compat  # noqa: F401  (before chainer: NumPy 2 / Python 3.12)
@@ -269,6 +270,9 @@ def guard(comm):
         print('error: rank {} of {}: {}'.format(comm.rank, comm.size,
                                                 message),
               file=stream, flush=True)
+        # give the launcher a moment to forward the line: an immediate
+        # Abort lost it in about one run in three (mpiexec -n 2, mpich)
+        time.sleep(1)
         comm.mpi_comm.Abort(status)
 
 
